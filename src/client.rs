@@ -1,0 +1,145 @@
+//! The terminal client: prints what the server sends, sends what the user types.
+//!
+//! Plain blocking sockets and two helper threads (server reader, stdin reader) that report to
+//! the main thread over one channel, so the main thread can react to whichever ends first:
+//! the user's input (exit 0 once the server has closed our side) or the server (exit 1).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::Duration;
+
+use crate::config::ClientConfig;
+use crate::error::Error;
+
+/// After our input ends, how long to wait for the server to send its last lines and close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// What the helper threads report.
+enum Event {
+    /// A line typed by the user, without its line ending.
+    Typed(Vec<u8>),
+    /// Standard input reached its end.
+    InputEnded,
+    /// The server closed the connection, or reading from it failed.
+    ServerGone(Option<io::Error>),
+}
+
+/// Connects and runs until input ends, the user quits, or the server goes away.
+pub fn run(config: &ClientConfig) -> Result<(), Error> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let stream = TcpStream::connect(&addr).map_err(|source| Error::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
+    let (events, inbox) = mpsc::channel();
+    spawn_server_reader(stream.try_clone()?, events.clone())?;
+    spawn_input_reader(events)?;
+    let mut writer = stream;
+    if let Some(nick) = &config.nick {
+        send_line(&mut writer, format!("/nick {nick}").as_bytes())?;
+    }
+    converse(&mut writer, &inbox)
+}
+
+fn converse(writer: &mut TcpStream, inbox: &Receiver<Event>) -> Result<(), Error> {
+    let mut quitting = false;
+    loop {
+        let event = inbox.recv().map_err(|_| lost(None))?;
+        match event {
+            Event::Typed(line) => {
+                quitting = line.trim_ascii() == b"/quit";
+                if let Err(err) = send_line(writer, &line) {
+                    return Err(lost(Some(err)));
+                }
+            }
+            Event::InputEnded => {
+                // Half-close: the server sees the end, answers what it still has, and closes.
+                let _ = writer.shutdown(Shutdown::Write);
+                return wait_for_close(inbox);
+            }
+            Event::ServerGone(_) if quitting => return Ok(()),
+            Event::ServerGone(err) => return Err(lost(err)),
+        }
+    }
+}
+
+/// After our side is closed, waits (bounded) for the server's last lines and its close.
+fn wait_for_close(inbox: &Receiver<Event>) -> Result<(), Error> {
+    loop {
+        match inbox.recv_timeout(CLOSE_GRACE) {
+            Ok(Event::ServerGone(_)) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Ok(_) => continue,
+            Err(RecvTimeoutError::Timeout) => return Ok(()),
+        }
+    }
+}
+
+fn send_line(writer: &mut TcpStream, line: &[u8]) -> io::Result<()> {
+    let mut framed = Vec::with_capacity(line.len() + 1);
+    framed.extend_from_slice(line);
+    framed.push(b'\n');
+    writer.write_all(&framed)
+}
+
+fn lost(err: Option<io::Error>) -> Error {
+    Error::Disconnected(match err {
+        Some(err) => format!("connection lost: {err}"),
+        None => "the server closed the connection".to_string(),
+    })
+}
+
+/// Prints each server line as it arrives (without the `\r` telnet needs).
+fn spawn_server_reader(stream: TcpStream, events: Sender<Event>) -> io::Result<()> {
+    thread::Builder::new()
+        .name("server-reader".to_string())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            let outcome = loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) => break None,
+                    Ok(_) => {
+                        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                        let text = text.strip_suffix(b"\r").unwrap_or(text);
+                        let mut out = io::stdout().lock();
+                        let printed = out.write_all(text).and(out.write_all(b"\n"));
+                        if printed.and(out.flush()).is_err() {
+                            break None;
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(err) => break Some(err),
+                }
+            };
+            let _ = events.send(Event::ServerGone(outcome));
+        })?;
+    Ok(())
+}
+
+/// Forwards each line of standard input.
+fn spawn_input_reader(events: Sender<Event>) -> io::Result<()> {
+    thread::Builder::new()
+        .name("input-reader".to_string())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match stdin.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                        let text = text.strip_suffix(b"\r").unwrap_or(text);
+                        if events.send(Event::Typed(text.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = events.send(Event::InputEnded);
+        })?;
+    Ok(())
+}

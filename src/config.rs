@@ -1,0 +1,333 @@
+//! Command-line configuration of the server and the client: flags, defaults and limits.
+//!
+//! Every limit the server enforces is named here with its unit and default, so `--help`, the
+//! README and the code agree. Parsing is separate from the binaries so it can be tested.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Default listen host: loopback, so a fresh install is not open to the network by accident.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+/// Default port (the original design's).
+pub const DEFAULT_PORT: u16 = 55556;
+/// Longest accepted line in bytes, terminator excluded.
+pub const DEFAULT_MAX_LINE: usize = 4096;
+/// Output a client may have pending before it is cut off as a slow consumer, in bytes. Chat is
+/// pushed to clients, so without a cap one client that never reads would grow without bound.
+pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
+/// Database used when `PEERCHAT_MONGO_URI` and `--mongo-uri` are absent.
+pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017";
+/// Environment variable that supplies the MongoDB URI.
+pub const MONGO_URI_ENV: &str = "PEERCHAT_MONGO_URI";
+/// Database and collection names.
+pub const DEFAULT_MONGO_DB: &str = "peerchat";
+pub const DEFAULT_MONGO_COLLECTION: &str = "messages";
+/// How long an insert may wait for an unreachable database before failing, in milliseconds
+/// (server selection and connect). The driver's own default is 30 s; 2 s keeps `! not saved`
+/// reports timely.
+pub const DEFAULT_MONGO_TIMEOUT_MS: u64 = 2000;
+/// Messages waiting for the persistence thread. A full queue fails new messages at once
+/// instead of blocking the event loop.
+pub const DEFAULT_PERSIST_QUEUE: usize = 10_000;
+
+/// What the server needs to run.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub max_line: usize,
+    pub max_output: usize,
+    /// `None` with `--no-persist`: no database at all.
+    pub store: Option<StoreConfig>,
+}
+
+/// Where and how chat messages are stored.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub uri: String,
+    pub database: String,
+    pub collection: String,
+    pub timeout: Duration,
+    pub queue_capacity: usize,
+}
+
+/// What the client needs to run.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub host: String,
+    pub port: u16,
+    pub nick: Option<String>,
+}
+
+impl ServerConfig {
+    /// Loopback on an OS-chosen port with the given store: what tests and benches start.
+    pub fn local(store: Option<StoreConfig>) -> Self {
+        ServerConfig {
+            host: DEFAULT_HOST.to_string(),
+            port: 0,
+            max_line: DEFAULT_MAX_LINE,
+            max_output: DEFAULT_MAX_OUTPUT,
+            store,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Default names, queue and timeout for the database at `uri`.
+    pub fn new(uri: &str) -> Self {
+        StoreConfig {
+            uri: uri.to_string(),
+            database: DEFAULT_MONGO_DB.to_string(),
+            collection: DEFAULT_MONGO_COLLECTION.to_string(),
+            timeout: Duration::from_millis(DEFAULT_MONGO_TIMEOUT_MS),
+            queue_capacity: DEFAULT_PERSIST_QUEUE,
+        }
+    }
+}
+
+/// `--help` of `peerchat-server`.
+pub const SERVER_HELP: &str = "\
+peerchat-server: a line-based chat server that stores every message in MongoDB
+
+Usage: peerchat-server [OPTIONS]
+
+Options:
+  --host HOST              address to listen on [default: 127.0.0.1]
+  --port PORT              port to listen on, 0 for any free port [default: 55556]
+  --max-line BYTES         longest accepted line, newline excluded [default: 4096]
+  --max-output BYTES       output pending for one client before it is disconnected
+                           as a slow consumer [default: 1048576]
+  --mongo-uri URI          MongoDB to store messages in, e.g. mongodb+srv://… for Atlas
+                           [default: $PEERCHAT_MONGO_URI, else mongodb://127.0.0.1:27017]
+  --mongo-db NAME          database name [default: peerchat]
+  --mongo-collection NAME  collection name [default: messages]
+  --mongo-timeout-ms MS    how long a save waits for an unreachable database before the
+                           sender is told it failed [default: 2000]
+  --persist-queue N        messages waiting to be saved before new ones are refused
+                           [default: 10000]
+  --no-persist             run without a database (nothing is stored)
+  -h, --help               print this help
+  -V, --version            print the version
+";
+
+/// `--help` of `peerchat-client`.
+pub const CLIENT_HELP: &str = "\
+peerchat-client: connect to a peerchat server, print what arrives, send what you type
+
+Usage: peerchat-client [OPTIONS]
+
+Options:
+  --host HOST    server address [default: 127.0.0.1]
+  --port PORT    server port [default: 55556]
+  --nick NAME    set this nick after connecting
+  -h, --help     print this help
+  -V, --version  print the version
+
+Type a line and press Enter to send it; /help lists the server's commands.
+Exits 0 at end of input or after /quit, 1 when the connection fails or is lost.
+";
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Parsed<T> {
+    Run(T),
+    Help,
+    Version,
+}
+
+/// A bad command line; the binaries print it and exit with status 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ArgError(pub String);
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+
+/// Parses the server's flags. `env_uri` is the value of `PEERCHAT_MONGO_URI`, if set.
+pub fn parse_server_args(
+    args: Vec<OsString>,
+    env_uri: Option<String>,
+) -> Result<Parsed<ServerConfig>, ArgError> {
+    let mut args = pico_args::Arguments::from_vec(args);
+    if let Some(other) = help_or_version(&mut args) {
+        return Ok(other);
+    }
+    let host = optional(&mut args, "--host")?.unwrap_or_else(|| DEFAULT_HOST.to_string());
+    let port = optional(&mut args, "--port")?.unwrap_or(DEFAULT_PORT);
+    let max_line = bounded(&mut args, "--max-line", DEFAULT_MAX_LINE, 1, 1 << 20)?;
+    let max_output = bounded(&mut args, "--max-output", DEFAULT_MAX_OUTPUT, 1024, 1 << 30)?;
+    let uri = optional(&mut args, "--mongo-uri")?;
+    let database = optional(&mut args, "--mongo-db")?;
+    let collection = optional(&mut args, "--mongo-collection")?;
+    let timeout_ms = bounded(&mut args, "--mongo-timeout-ms", DEFAULT_MONGO_TIMEOUT_MS, 1, 600_000)?;
+    let queue = bounded(&mut args, "--persist-queue", DEFAULT_PERSIST_QUEUE, 1, 10_000_000)?;
+    let no_persist = args.contains("--no-persist");
+    reject_leftovers(args)?;
+    if max_output < max_line.saturating_mul(2) {
+        return Err(ArgError(format!(
+            "--max-output: must be at least twice --max-line ({max_line})"
+        )));
+    }
+    let store = (!no_persist).then(|| StoreConfig {
+        uri: uri
+            .or(env_uri.filter(|uri| !uri.is_empty()))
+            .unwrap_or_else(|| DEFAULT_MONGO_URI.to_string()),
+        database: database.unwrap_or_else(|| DEFAULT_MONGO_DB.to_string()),
+        collection: collection.unwrap_or_else(|| DEFAULT_MONGO_COLLECTION.to_string()),
+        timeout: Duration::from_millis(timeout_ms),
+        queue_capacity: queue,
+    });
+    Ok(Parsed::Run(ServerConfig {
+        host,
+        port,
+        max_line,
+        max_output,
+        store,
+    }))
+}
+
+/// Parses the client's flags.
+pub fn parse_client_args(args: Vec<OsString>) -> Result<Parsed<ClientConfig>, ArgError> {
+    let mut args = pico_args::Arguments::from_vec(args);
+    if let Some(other) = help_or_version(&mut args) {
+        return Ok(other);
+    }
+    let host = optional(&mut args, "--host")?.unwrap_or_else(|| DEFAULT_HOST.to_string());
+    let port = optional(&mut args, "--port")?.unwrap_or(DEFAULT_PORT);
+    let nick = optional(&mut args, "--nick")?;
+    reject_leftovers(args)?;
+    Ok(Parsed::Run(ClientConfig { host, port, nick }))
+}
+
+/// Help wins over everything else, as in pico-args' own example.
+fn help_or_version<T>(args: &mut pico_args::Arguments) -> Option<Parsed<T>> {
+    if args.contains(["-h", "--help"]) {
+        Some(Parsed::Help)
+    } else if args.contains(["-V", "--version"]) {
+        Some(Parsed::Version)
+    } else {
+        None
+    }
+}
+
+/// An optional flag's value; errors name the flag.
+fn optional<T>(args: &mut pico_args::Arguments, flag: &'static str) -> Result<Option<T>, ArgError>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    args.opt_value_from_fn(flag, |value| value.parse::<T>())
+        .map_err(|err| match err {
+            pico_args::Error::OptionWithoutAValue(_) => ArgError(format!("{flag}: missing value")),
+            other => ArgError(format!("{flag}: {other}")),
+        })
+}
+
+/// An optional number flag that must lie in `min..=max`.
+fn bounded<T>(
+    args: &mut pico_args::Arguments,
+    flag: &'static str,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, ArgError>
+where
+    T: FromStr + PartialOrd + fmt::Display + Copy,
+    T::Err: fmt::Display,
+{
+    let value = optional(args, flag)?.unwrap_or(default);
+    if value < min || value > max {
+        return Err(ArgError(format!(
+            "{flag}: {value} is out of range ({min} to {max})"
+        )));
+    }
+    Ok(value)
+}
+
+fn reject_leftovers(args: pico_args::Arguments) -> Result<(), ArgError> {
+    match args.finish().first() {
+        Some(arg) => Err(ArgError(format!(
+            "unknown argument '{}' (see --help)",
+            arg.to_string_lossy()
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(args: &[&str], env: Option<&str>) -> Result<Parsed<ServerConfig>, ArgError> {
+        let args = args.iter().map(OsString::from).collect();
+        parse_server_args(args, env.map(str::to_string))
+    }
+
+    fn run(parsed: Result<Parsed<ServerConfig>, ArgError>) -> ServerConfig {
+        match parsed {
+            Ok(Parsed::Run(config)) => config,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let config = run(server(&[], None));
+        assert_eq!((config.host.as_str(), config.port), ("127.0.0.1", 55556));
+        assert_eq!(config.max_line, 4096);
+        let store = config.store.expect("persistence is on by default");
+        assert_eq!(store.uri, "mongodb://127.0.0.1:27017");
+        assert_eq!((store.database.as_str(), store.collection.as_str()), ("peerchat", "messages"));
+        assert_eq!(store.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn uri_flag_beats_environment_which_beats_default() {
+        let from_env = run(server(&[], Some("mongodb://env:1")));
+        assert_eq!(from_env.store.unwrap().uri, "mongodb://env:1");
+        let from_flag = run(server(&["--mongo-uri", "mongodb://flag:2"], Some("mongodb://env:1")));
+        assert_eq!(from_flag.store.unwrap().uri, "mongodb://flag:2");
+    }
+
+    #[test]
+    fn no_persist_means_no_store() {
+        assert!(run(server(&["--no-persist"], None)).store.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let err = server(&["--port", "http"], None).unwrap_err();
+        assert!(err.0.contains("--port"), "{err}");
+        let err = server(&["--max-line", "0"], None).unwrap_err();
+        assert!(err.0.contains("--max-line"), "{err}");
+        let err = server(&["--colour"], None).unwrap_err();
+        assert!(err.0.contains("--colour"), "{err}");
+        let err = server(&["--port"], None).unwrap_err();
+        assert!(err.0.contains("--port"), "{err}");
+    }
+
+    #[test]
+    fn help_lists_every_flag() {
+        for flag in [
+            "--host",
+            "--port",
+            "--max-line",
+            "--max-output",
+            "--mongo-uri",
+            "--mongo-db",
+            "--mongo-collection",
+            "--mongo-timeout-ms",
+            "--persist-queue",
+            "--no-persist",
+        ] {
+            assert!(SERVER_HELP.contains(flag), "{flag} missing from --help");
+        }
+    }
+}

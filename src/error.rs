@@ -1,0 +1,53 @@
+//! The errors that stop the server or the client, with messages meant for a person.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+/// Why peerchat could not start or keep running.
+#[derive(Debug)]
+pub enum Error {
+    /// `--host` did not resolve to an address.
+    Resolve { host: String, source: io::Error },
+    /// The listen address is taken or not ours.
+    Bind { addr: SocketAddr, source: io::Error },
+    /// The client could not reach the server.
+    Connect { addr: String, source: io::Error },
+    /// The client lost its server.
+    Disconnected(String),
+    /// Any other I/O failure (poll, thread spawn, terminal).
+    Io(io::Error),
+    /// The server thread panicked.
+    Panicked,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Resolve { host, source } => write!(f, "cannot resolve host {host}: {source}"),
+            Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
+            Error::Disconnected(why) => f.write_str(why),
+            Error::Io(source) => write!(f, "{source}"),
+            Error::Panicked => write!(f, "the server thread panicked"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Resolve { source, .. }
+            | Error::Bind { source, .. }
+            | Error::Connect { source, .. }
+            | Error::Io(source) => Some(source),
+            Error::Disconnected(_) | Error::Panicked => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        Error::Io(err)
+    }
+}

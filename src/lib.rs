@@ -1,0 +1,38 @@
+//! peerchat: a small line-based chat server that stores every message in MongoDB, and its
+//! terminal client.
+//!
+//! ```text
+//!            sockets (mio, edge-triggered)
+//!   clients <──────────────────────────────> event loop thread ── owns every connection
+//!                                              │        ▲
+//!                       Record (bounded queue, │        │ LoopInput (inbox channel + Waker):
+//!                       try_send, never waits) ▼        │ NotSaved, Shutdown, …
+//!                                          persistence thread ── insert_many ──> MongoDB
+//! ```
+//!
+//! The loop never touches the database and never blocks on another thread; results come back
+//! through one inbox. Connections are named in those results by a slot plus an id that is
+//! never reused, so a late report cannot reach a different client.
+//!
+//! Modules, one job each:
+//! - [`config`]: flags, defaults and limits of the server and client.
+//! - [`framing`]: bytes to lines, with a bounded tail (pure).
+//! - [`protocol`]: what a line means and every line the server sends (pure).
+//! - [`server`]: binding and running; inside it the event loop, connections (socket + buffers),
+//!   the room (broadcast), the chat rules, and the inbox.
+//! - [`persist`]: the persistence thread and the stored document.
+//! - [`client`]: the terminal client.
+//! - [`log`]: timestamped stderr logging.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod framing;
+pub mod log;
+pub mod persist;
+pub mod protocol;
+pub mod server;
+
+pub use config::{ClientConfig, ServerConfig, StoreConfig};
+pub use error::Error;
+pub use server::{RunningServer, Server, ServerHandle};

@@ -1,0 +1,273 @@
+//! The wire protocol: what a client line means and every line the server sends.
+//!
+//! Pure text handling, no I/O, so all of it is testable without sockets and all wire text lives
+//! in one place. Clients send newline-terminated UTF-8; the server answers with lines ending in
+//! `\r\n` (so telnet shows them) of three kinds:
+//!
+//! - chat: `<NAME> TEXT`
+//! - notices: `* TEXT` (joins, leaves, renames, command replies)
+//! - errors: `! TEXT` (to the one client concerned)
+
+use std::borrow::Cow;
+
+/// Longest nick, in characters.
+pub const MAX_NICK_CHARS: usize = 32;
+
+/// How much of a message an error line quotes back, in characters.
+const QUOTE_CHARS: usize = 40;
+
+/// What a client line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Text for everyone else (a leading `//` already turned into `/`).
+    Chat(&'a str),
+    /// `/nick NAME`; the name is not validated yet.
+    Nick(&'a str),
+    /// `/who`: list the connected names.
+    Who,
+    /// `/help`: list the commands.
+    Help,
+    /// `/quit`: say goodbye and close.
+    Quit,
+    /// A blank line: ignored.
+    Empty,
+    /// A known command used wrongly; the text is the usage line.
+    Usage(&'static str),
+    /// A `/word` that is no command.
+    Unknown(&'a str),
+}
+
+/// Reads one line (already sanitised) as a command.
+pub fn parse(line: &str) -> Command<'_> {
+    if line.trim().is_empty() {
+        return Command::Empty;
+    }
+    let Some(rest) = line.strip_prefix('/') else {
+        return Command::Chat(line);
+    };
+    if rest.starts_with('/') {
+        return Command::Chat(rest);
+    }
+    let (word, arg) = match rest.split_once(char::is_whitespace) {
+        Some((word, arg)) => (word, arg.trim()),
+        None => (rest, ""),
+    };
+    match word {
+        "nick" if arg.is_empty() => Command::Usage("usage: /nick NAME"),
+        "nick" => Command::Nick(arg),
+        "who" => Command::Who,
+        "help" => Command::Help,
+        "quit" => Command::Quit,
+        _ => Command::Unknown(word),
+    }
+}
+
+/// Makes client bytes safe to show on other people's terminals and to store.
+///
+/// Invalid UTF-8 becomes U+FFFD. C0 controls other than TAB, DEL and C1 controls are dropped:
+/// without ESC (and the 8-bit CSI/OSC in C1) no terminal escape sequence can survive. The common
+/// case, clean UTF-8, is returned borrowed without copying.
+pub fn sanitize(bytes: &[u8]) -> Cow<'_, str> {
+    let text = String::from_utf8_lossy(bytes);
+    if !text.chars().any(is_forbidden) {
+        return text;
+    }
+    Cow::Owned(text.chars().filter(|&c| !is_forbidden(c)).collect())
+}
+
+fn is_forbidden(c: char) -> bool {
+    (c.is_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c)
+}
+
+/// Why a name cannot be used as a nick.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NickError {
+    /// Empty, too long, or a character outside letters, digits, `-`, `_`, `.`.
+    Invalid,
+}
+
+/// Nicks are letters, digits, `-`, `_` and `.`, up to 32 characters. No `:` means no nick can pass
+/// for the `IP:PORT` default name of another client; no spaces or symbols keeps `<NAME>` parseable.
+pub fn validate_nick(name: &str) -> Result<(), NickError> {
+    let count = name.chars().count();
+    let allowed = |c: char| c.is_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if count == 0 || count > MAX_NICK_CHARS || !name.chars().all(allowed) {
+        return Err(NickError::Invalid);
+    }
+    Ok(())
+}
+
+/// Appends `<NAME> TEXT\r\n`.
+pub fn write_chat(out: &mut Vec<u8>, name: &str, text: &str) {
+    out.reserve(name.len() + text.len() + 5);
+    out.push(b'<');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"> ");
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `* TEXT\r\n`.
+pub fn write_notice(out: &mut Vec<u8>, text: &str) {
+    write_prefixed(out, b"* ", text);
+}
+
+/// Appends `! TEXT\r\n`.
+pub fn write_error(out: &mut Vec<u8>, text: &str) {
+    write_prefixed(out, b"! ", text);
+}
+
+fn write_prefixed(out: &mut Vec<u8>, prefix: &[u8], text: &str) {
+    out.reserve(prefix.len() + text.len() + 2);
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Notice to a new client.
+pub fn welcome(name: &str) -> String {
+    format!("welcome, you are {name} \u{2014} /help for commands")
+}
+
+/// Notice to the others when a client arrives.
+pub fn joined(name: &str) -> String {
+    format!("{name} joined")
+}
+
+/// Notice to the others when a client leaves.
+pub fn left(name: &str) -> String {
+    format!("{name} left")
+}
+
+/// Notice to everyone after `/nick`.
+pub fn renamed(old: &str, new: &str) -> String {
+    format!("{old} is now {new}")
+}
+
+/// Reply to `/who`.
+pub fn who<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let count = names.len();
+    let list: Vec<&str> = names.collect();
+    format!("{count} online: {}", list.join(", "))
+}
+
+/// Reply to `/help`, one notice per line.
+pub const HELP_LINES: [&str; 6] = [
+    "commands:",
+    "  /nick NAME   change your name (letters, digits, - _ . up to 32)",
+    "  /who         list who is online",
+    "  /help        this text",
+    "  /quit        leave",
+    "anything else is chat; start a line with // to send one beginning with /",
+];
+
+/// Reply to `/quit` before the connection closes.
+pub const BYE: &str = "bye";
+
+/// Error for a line over the limit.
+pub fn line_too_long(max_line: usize) -> String {
+    format!("line too long (max {max_line} bytes)")
+}
+
+/// Error for a `/word` that is no command.
+pub fn unknown_command(word: &str) -> String {
+    format!("unknown command /{word} (try /help)")
+}
+
+/// Error for a nick that is not allowed.
+pub fn invalid_nick() -> String {
+    format!("invalid nick: use letters, digits, - _ . (up to {MAX_NICK_CHARS})")
+}
+
+/// Error for a nick someone else has.
+pub fn nick_taken(name: &str) -> String {
+    format!("nick {name} is taken")
+}
+
+/// Error to the sender of a chat message that could not be stored.
+pub fn not_saved(content: &str, reason: &str) -> String {
+    format!("not saved: \"{}\" ({reason})", quote(content))
+}
+
+/// The first `QUOTE_CHARS` characters, with `…` when something was cut.
+fn quote(content: &str) -> Cow<'_, str> {
+    match content.char_indices().nth(QUOTE_CHARS) {
+        Some((cut, _)) => Cow::Owned(format!("{}\u{2026}", &content[..cut])),
+        None => Cow::Borrowed(content),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_chat_and_commands() {
+        assert_eq!(parse("hello"), Command::Chat("hello"));
+        assert_eq!(parse("  spaced  "), Command::Chat("  spaced  "));
+        assert_eq!(parse("//etc/passwd"), Command::Chat("/etc/passwd"));
+        assert_eq!(parse("/nick alice"), Command::Nick("alice"));
+        assert_eq!(parse("/nick   bob  "), Command::Nick("bob"));
+        assert_eq!(parse("/nick"), Command::Usage("usage: /nick NAME"));
+        assert_eq!(parse("/who"), Command::Who);
+        assert_eq!(parse("/help"), Command::Help);
+        assert_eq!(parse("/quit"), Command::Quit);
+        assert_eq!(parse("/dance now"), Command::Unknown("dance"));
+        assert_eq!(parse(""), Command::Empty);
+        assert_eq!(parse(" \t "), Command::Empty);
+    }
+
+    #[test]
+    fn sanitize_keeps_clean_text_borrowed() {
+        assert!(matches!(sanitize("héllo\tworld".as_bytes()), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn sanitize_removes_escapes_and_controls() {
+        assert_eq!(sanitize(b"\x1b[2Jclear"), "[2Jclear");
+        assert_eq!(sanitize(b"\x1b]0;title\x07x"), "]0;titlex");
+        assert_eq!(sanitize(b"a\x00b\x08c\x7fd\re"), "abcde");
+        assert_eq!(sanitize("x\u{9b}31my".as_bytes()), "x31my");
+    }
+
+    #[test]
+    fn sanitize_replaces_invalid_utf8() {
+        assert_eq!(sanitize(b"bad \xff\xfe byte"), "bad \u{fffd}\u{fffd} byte");
+    }
+
+    #[test]
+    fn formats_lines_with_crlf() {
+        let mut out = Vec::new();
+        write_chat(&mut out, "alice", "hi there");
+        write_notice(&mut out, &joined("bob"));
+        write_error(&mut out, &line_too_long(4096));
+        assert_eq!(
+            out,
+            b"<alice> hi there\r\n* bob joined\r\n! line too long (max 4096 bytes)\r\n"
+        );
+    }
+
+    #[test]
+    fn validates_nicks() {
+        assert_eq!(validate_nick("alice_1.x-y"), Ok(()));
+        assert_eq!(validate_nick("zoë"), Ok(()));
+        assert_eq!(validate_nick(""), Err(NickError::Invalid));
+        assert_eq!(validate_nick("127.0.0.1:5000"), Err(NickError::Invalid));
+        assert_eq!(validate_nick("a b"), Err(NickError::Invalid));
+        assert_eq!(validate_nick(&"x".repeat(33)), Err(NickError::Invalid));
+        assert_eq!(validate_nick(&"x".repeat(32)), Ok(()));
+    }
+
+    #[test]
+    fn not_saved_quotes_at_most_forty_characters() {
+        assert_eq!(not_saved("short", "db down"), "not saved: \"short\" (db down)");
+        let long = "é".repeat(50);
+        let expected = format!("not saved: \"{}\u{2026}\" (x)", "é".repeat(40));
+        assert_eq!(not_saved(&long, "x"), expected);
+    }
+
+    #[test]
+    fn who_counts_and_lists() {
+        assert_eq!(who(["a", "b"].into_iter()), "2 online: a, b");
+    }
+}

@@ -1,0 +1,115 @@
+//! What each client line does: chat, commands, joins and leaves, and save failures.
+//!
+//! The rules of the chat, between the wire (`protocol`) and delivery (`broadcast::Room`). No I/O:
+//! it only queues lines in the room and hands messages to the persistence queue.
+
+use std::net::SocketAddr;
+
+use time::OffsetDateTime;
+
+use super::broadcast::Room;
+use super::connection::CloseReason;
+use super::inbox::SaveFailure;
+use crate::persist::{Persister, Record, SubmitError};
+use crate::protocol::{self, Command};
+
+/// Greets a new client and tells the others.
+pub fn joined(room: &mut Room, slot: usize) {
+    let Some(name) = room.get(slot).map(|conn| conn.name.clone()) else {
+        return;
+    };
+    room.notice(slot, &protocol::welcome(&name));
+    room.notice_all(Some(slot), &protocol::joined(&name));
+}
+
+/// Tells the others that `name` has gone.
+pub fn left(room: &mut Room, name: &str) {
+    room.notice_all(None, &protocol::left(name));
+}
+
+/// Applies one line from the client in `slot`.
+pub fn line(room: &mut Room, persister: Option<&Persister>, slot: usize, bytes: &[u8]) {
+    let text = protocol::sanitize(bytes);
+    match protocol::parse(&text) {
+        Command::Chat(message) => chat(room, persister, slot, message),
+        Command::Nick(name) => nick(room, slot, name),
+        Command::Who => {
+            let who = protocol::who(room.names());
+            room.notice(slot, &who);
+        }
+        Command::Help => {
+            for line in protocol::HELP_LINES {
+                room.notice(slot, line);
+            }
+        }
+        Command::Quit => {
+            room.notice(slot, protocol::BYE);
+            room.close(slot, CloseReason::Quit);
+        }
+        Command::Empty => {}
+        Command::Usage(usage) => room.error(slot, usage),
+        Command::Unknown(word) => room.error(slot, &protocol::unknown_command(word)),
+    }
+}
+
+/// Tells the client its line was too long and dropped.
+pub fn too_long(room: &mut Room, slot: usize, max_line: usize) {
+    room.error(slot, &protocol::line_too_long(max_line));
+}
+
+/// Reports messages that could not be stored to their senders, if still connected.
+pub fn not_saved(room: &mut Room, failures: Vec<SaveFailure>) {
+    for failure in failures {
+        if room.find(failure.sender).is_some() {
+            let text = protocol::not_saved(&failure.content, &failure.reason);
+            room.error(failure.sender.slot, &text);
+        }
+    }
+}
+
+fn chat(room: &mut Room, persister: Option<&Persister>, slot: usize, message: &str) {
+    let Some(conn) = room.get(slot) else { return };
+    let (name, addr) = (conn.name.clone(), conn.addr());
+    room.chat(slot, &name, message);
+    if let Some(persister) = persister {
+        store(room, persister, slot, name, addr, message);
+    }
+}
+
+/// Hands the message to the persistence thread; a full queue is reported at once.
+fn store(
+    room: &mut Room,
+    persister: &Persister,
+    slot: usize,
+    nick: String,
+    addr: SocketAddr,
+    message: &str,
+) {
+    let Some(sender) = room.client_ref(slot) else { return };
+    let record = Record {
+        id: bson::oid::ObjectId::new(),
+        sender,
+        content: message.to_string(),
+        nick,
+        addr,
+        accepted_at: OffsetDateTime::now_utc(),
+    };
+    if let Err(SubmitError { content, reason }) = persister.submit(record) {
+        room.error(slot, &protocol::not_saved(&content, reason));
+    }
+}
+
+fn nick(room: &mut Room, slot: usize, name: &str) {
+    if protocol::validate_nick(name).is_err() {
+        return room.error(slot, &protocol::invalid_nick());
+    }
+    if room.name_taken(name, slot) {
+        return room.error(slot, &protocol::nick_taken(name));
+    }
+    let Some(conn) = room.get_mut(slot) else { return };
+    if conn.name == name {
+        return;
+    }
+    let old = std::mem::replace(&mut conn.name, name.to_string());
+    room.notice_all(None, &protocol::renamed(&old, name));
+}

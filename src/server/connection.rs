@@ -1,0 +1,322 @@
+//! One client connection: its socket, its read framing and its write buffer.
+//!
+//! The only place that reads from or writes to a client socket. Every nonblocking call follows
+//! mio's pattern: repeat until `WouldBlock`, retry on `Interrupted`, treat `Ok(0)` as closed.
+//! A connection never removes itself: it records a `CloseReason` and the event loop reaps it
+//! after the turn, so a handler can never free a connection another handler still refers to.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::framing::{Frame, LineFramer};
+
+/// Why a connection is being closed; decides whether pending output is flushed first and what
+/// the log says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its side (EOF).
+    PeerClosed,
+    /// The client sent `/quit`.
+    Quit,
+    /// Reading failed (reset, …).
+    ReadError(ErrorKind),
+    /// Writing failed (broken pipe, reset, …).
+    WriteError(ErrorKind),
+    /// The client did not read and its pending output passed `--max-output`.
+    SlowConsumer,
+    /// The server is stopping.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Whether output still pending is worth sending before closing: not after an I/O error,
+    /// and not to a slow consumer, whose backlog is the problem.
+    pub fn flushes_first(self) -> bool {
+        matches!(
+            self,
+            CloseReason::PeerClosed | CloseReason::Quit | CloseReason::Shutdown
+        )
+    }
+
+    /// Words for the log.
+    pub fn describe(self) -> String {
+        match self {
+            CloseReason::PeerClosed => "closed by client".to_string(),
+            CloseReason::Quit => "quit".to_string(),
+            CloseReason::ReadError(kind) => format!("read error: {kind}"),
+            CloseReason::WriteError(kind) => format!("write error: {kind}"),
+            CloseReason::SlowConsumer => "slow consumer: output limit reached".to_string(),
+            CloseReason::Shutdown => "server shutting down".to_string(),
+        }
+    }
+}
+
+/// Lines read from one connection in one turn, copied out of the framer so the chat logic can
+/// use them while it has the whole room (this connection included) borrowed mutably.
+#[derive(Debug, Default)]
+pub struct InputBatch {
+    bytes: Vec<u8>,
+    items: Vec<Input>,
+}
+
+/// One thing a client sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A line, as a range of `InputBatch` bytes.
+    Line(Range<usize>),
+    /// A line over `--max-line`, already discarded.
+    TooLong,
+}
+
+impl InputBatch {
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    pub fn items(&self) -> &[Input] {
+        &self.items
+    }
+
+    pub fn line(&self, range: &Range<usize>) -> &[u8] {
+        &self.bytes[range.clone()]
+    }
+
+    fn push(&mut self, frame: Frame<'_>) {
+        let item = match frame {
+            Frame::Line(line) => {
+                let start = self.bytes.len();
+                self.bytes.extend_from_slice(line);
+                Input::Line(start..self.bytes.len())
+            }
+            Frame::TooLong => Input::TooLong,
+        };
+        self.items.push(item);
+    }
+}
+
+/// How a read pass ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// The socket said `WouldBlock`: wait for the next readable event.
+    Drained,
+    /// The per-turn budget ran out with data possibly left: read again next turn, since an
+    /// edge-triggered poll will not report it again.
+    BudgetSpent,
+    /// End of stream or an error.
+    Closed(CloseReason),
+}
+
+/// How a flush ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Nothing left to send.
+    Done,
+    /// The socket is full; the rest waits for a writable event.
+    Blocked,
+    /// The write failed; the connection must close.
+    Failed(CloseReason),
+}
+
+/// Pending output: a byte buffer with a consumed prefix, so a partial write costs no copy.
+#[derive(Debug, Default)]
+struct OutputBuffer {
+    bytes: Vec<u8>,
+    /// Bytes before `head` are already written.
+    head: usize,
+}
+
+/// A drained output buffer above this capacity is freed at once: a burst should not leave
+/// its memory behind. Smaller ones are kept for reuse until the idle sweep.
+const KEEP_OUTPUT_CAPACITY: usize = 64 * 1024;
+
+impl OutputBuffer {
+    fn pending(&self) -> &[u8] {
+        &self.bytes[self.head..]
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len() - self.head
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        // Reclaim the written prefix once it is at least half the buffer: amortised O(1).
+        if self.head > 0 && self.head * 2 >= self.bytes.len() {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+        self.bytes.extend_from_slice(data);
+    }
+
+    fn consume(&mut self, written: usize) {
+        self.head += written;
+        if self.head == self.bytes.len() {
+            self.head = 0;
+            self.bytes.clear();
+            if self.bytes.capacity() > KEEP_OUTPUT_CAPACITY {
+                self.bytes = Vec::new();
+            }
+        }
+    }
+
+    fn shrink_if_idle(&mut self) {
+        if self.len() == 0 {
+            *self = OutputBuffer::default();
+        }
+    }
+}
+
+/// One connected client.
+#[derive(Debug)]
+pub struct Connection {
+    socket: TcpStream,
+    token: Token,
+    /// Never reused, unlike the token: persistence reports carry it so a failure can never reach
+    /// a later client that happens to get the same slot.
+    id: u64,
+    addr: SocketAddr,
+    /// The name shown as `<NAME>`: the nick, or `IP:PORT` until one is set.
+    pub name: String,
+    framer: LineFramer,
+    output: OutputBuffer,
+    closing: Option<CloseReason>,
+    /// Registered for writable events, which is only while output is blocked.
+    wants_writable: bool,
+    /// Already on the loop's list of connections to flush this turn.
+    pub flush_scheduled: bool,
+}
+
+impl Connection {
+    /// Registers `socket` for readable events under `token`.
+    pub fn new(
+        mut socket: TcpStream,
+        addr: SocketAddr,
+        token: Token,
+        id: u64,
+        registry: &Registry,
+        max_line: usize,
+    ) -> io::Result<Self> {
+        registry.register(&mut socket, token, Interest::READABLE)?;
+        // Chat lines are small and latency matters; output is already coalesced per turn.
+        socket.set_nodelay(true)?;
+        Ok(Connection {
+            socket,
+            token,
+            id,
+            addr,
+            name: addr.to_string(),
+            framer: LineFramer::new(max_line),
+            output: OutputBuffer::default(),
+            closing: None,
+            wants_writable: false,
+            flush_scheduled: false,
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn closing(&self) -> Option<CloseReason> {
+        self.closing
+    }
+
+    /// Marks the connection for closing; the first reason wins. Returns true if it was open.
+    pub fn close(&mut self, reason: CloseReason) -> bool {
+        if self.closing.is_some() {
+            return false;
+        }
+        self.closing = Some(reason);
+        true
+    }
+
+    /// Reads up to `budget` bytes through `scratch` and appends the lines found to `batch`.
+    pub fn read(&mut self, scratch: &mut [u8], budget: usize, batch: &mut InputBatch) -> ReadOutcome {
+        let mut total = 0;
+        while total < budget {
+            match self.socket.read(scratch) {
+                Ok(0) => return ReadOutcome::Closed(CloseReason::PeerClosed),
+                Ok(n) => {
+                    total += n;
+                    let mut input = &scratch[..n];
+                    while let Some(frame) = self.framer.next_frame(&mut input) {
+                        batch.push(frame);
+                    }
+                }
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return ReadOutcome::Drained,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => return ReadOutcome::Closed(CloseReason::ReadError(err.kind())),
+            }
+        }
+        ReadOutcome::BudgetSpent
+    }
+
+    /// Queues bytes for sending. Returns false, and marks the connection as a slow consumer,
+    /// when that would pass `max_output`. Nothing is queued once the connection is closing.
+    pub fn queue(&mut self, data: &[u8], max_output: usize) -> bool {
+        if self.closing.is_some() {
+            return false;
+        }
+        if self.output.len() + data.len() > max_output {
+            self.close(CloseReason::SlowConsumer);
+            return false;
+        }
+        self.output.push(data);
+        true
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_output(&self) -> usize {
+        self.output.len()
+    }
+
+    /// Writes queued output until done or the socket is full.
+    pub fn flush(&mut self) -> FlushOutcome {
+        while self.output.len() > 0 {
+            match self.socket.write(self.output.pending()) {
+                Ok(0) => return FlushOutcome::Failed(CloseReason::WriteError(ErrorKind::WriteZero)),
+                Ok(n) => self.output.consume(n),
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return FlushOutcome::Blocked,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => return FlushOutcome::Failed(CloseReason::WriteError(err.kind())),
+            }
+        }
+        FlushOutcome::Done
+    }
+
+    /// Asks for writable events only while output is blocked, so an idle socket does not wake
+    /// the loop.
+    pub fn set_wants_writable(&mut self, registry: &Registry, wanted: bool) -> io::Result<()> {
+        if self.wants_writable == wanted {
+            return Ok(());
+        }
+        let interest = if wanted {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        registry.reregister(&mut self.socket, self.token, interest)?;
+        self.wants_writable = wanted;
+        Ok(())
+    }
+
+    /// Frees buffers that hold nothing, so idle connections cost little memory.
+    pub fn shrink_if_idle(&mut self) {
+        self.output.shrink_if_idle();
+        self.framer.shrink_if_idle();
+    }
+
+    /// Removes the socket from the poll; the socket closes when the connection is dropped.
+    pub fn deregister(&mut self, registry: &Registry) {
+        // The socket is about to be closed, which removes it from epoll anyway.
+        let _ = registry.deregister(&mut self.socket);
+    }
+}

@@ -1,0 +1,295 @@
+//! The event loop: one thread, one `mio::Poll`, the listener and every client socket.
+//!
+//! Each turn: wait for readiness, accept new clients, read and handle what clients sent,
+//! take in what other threads sent (inbox), reap closed connections, then write each
+//! connection's pending output once. Readiness is edge-triggered, so every socket operation runs
+//! until `WouldBlock`; a client that still has input after its per-turn budget is read again
+//! next turn without waiting, so one flooding client cannot starve the rest.
+
+use std::io::{self, ErrorKind};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+
+use super::broadcast::Room;
+use super::chat;
+use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
+use super::inbox::{ClientRef, Inbox, LoopInput};
+use crate::persist::Persister;
+use crate::{error, info, warn};
+
+pub const LISTENER: Token = Token(0);
+pub const WAKER: Token = Token(1);
+
+/// Size of the one read buffer all connections share, in bytes.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection per turn before others get their turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Readiness events taken per poll.
+const EVENTS_CAPACITY: usize = 1024;
+/// How often idle connections give back their buffers.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long persistence may take to store what was queued at shutdown.
+const PERSIST_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The state one thread owns while serving.
+pub struct EventLoop {
+    pub(super) poll: Poll,
+    pub(super) listener: TcpListener,
+    pub(super) inbox: Inbox,
+    pub(super) persister: Option<Persister>,
+    pub(super) room: Room,
+    pub(super) max_line: usize,
+    scratch: Vec<u8>,
+    batch: InputBatch,
+    /// Clients whose read budget ran out; read again next turn.
+    read_again: Vec<ClientRef>,
+    flush_list: Vec<usize>,
+    last_sweep: Instant,
+    running: bool,
+}
+
+impl EventLoop {
+    /// Puts the parts together; the listener is registered here.
+    pub(super) fn new(
+        poll: Poll,
+        mut listener: TcpListener,
+        inbox: Inbox,
+        persister: Option<Persister>,
+        max_line: usize,
+        max_output: usize,
+    ) -> io::Result<Self> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(EventLoop {
+            poll,
+            listener,
+            inbox,
+            persister,
+            room: Room::new(max_line, max_output),
+            max_line,
+            scratch: vec![0; READ_CHUNK],
+            batch: InputBatch::default(),
+            read_again: Vec::new(),
+            flush_list: Vec::new(),
+            last_sweep: Instant::now(),
+            running: true,
+        })
+    }
+
+    /// Serves until a shutdown request arrives.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        while self.running {
+            let timeout = if self.read_again.is_empty() {
+                SWEEP_INTERVAL
+            } else {
+                Duration::ZERO
+            };
+            if let Err(err) = self.poll.poll(&mut events, Some(timeout)) {
+                if err.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => self.drain_inbox(),
+                    token => self.client_ready(token, event.is_writable()),
+                }
+            }
+            self.read_again_pending();
+            self.end_turn();
+        }
+        self.shut_down();
+        Ok(())
+    }
+
+    /// Reaps closed connections, writes pending output, and now and then frees idle buffers.
+    fn end_turn(&mut self) {
+        // Reaping queues `left` notices and flushing can find dead sockets: repeat until both
+        // settle. Each extra round removes at least one connection, so this ends.
+        loop {
+            self.reap_closed();
+            self.flush_pending();
+            if !self.room.has_closing() {
+                break;
+            }
+        }
+        if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+            self.room.shrink_idle();
+            self.last_sweep = Instant::now();
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((socket, addr)) => match self.room.add(socket, addr, self.poll.registry()) {
+                    Ok(slot) => {
+                        info!("client {addr} connected ({} online)", self.room.len());
+                        chat::joined(&mut self.room, slot);
+                    }
+                    Err(err) => warn!("could not set up client {addr}: {err}"),
+                },
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    // E.g. out of file descriptors: try again on the next readiness event.
+                    error!("accept failed: {err}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain_inbox(&mut self) {
+        while let Some(input) = self.inbox.next() {
+            match input {
+                LoopInput::NotSaved(failures) => chat::not_saved(&mut self.room, failures),
+                LoopInput::Shutdown => self.running = false,
+            }
+        }
+    }
+
+    fn client_ready(&mut self, token: Token, writable: bool) {
+        let Some(slot) = Room::slot_of(token) else {
+            return;
+        };
+        if writable {
+            self.write_ready(slot);
+        }
+        // Readiness flags are hints: always try to read; `WouldBlock` costs one syscall.
+        self.read_from(slot);
+    }
+
+    /// Reads what the client sent, within the budget, and acts on each line.
+    fn read_from(&mut self, slot: usize) {
+        let Some(conn) = self.room.get_mut(slot) else {
+            return;
+        };
+        if conn.closing().is_some() {
+            return;
+        }
+        let client = ClientRef {
+            slot,
+            id: conn.id(),
+        };
+        self.batch.clear();
+        let outcome = conn.read(&mut self.scratch, READ_BUDGET, &mut self.batch);
+        for item in self.batch.items() {
+            if self.room.get(slot).is_none_or(|conn| conn.closing().is_some()) {
+                break;
+            }
+            match item {
+                Input::Line(range) => chat::line(
+                    &mut self.room,
+                    self.persister.as_ref(),
+                    slot,
+                    self.batch.line(range),
+                ),
+                Input::TooLong => chat::too_long(&mut self.room, slot, self.max_line),
+            }
+        }
+        match outcome {
+            ReadOutcome::Drained => {}
+            ReadOutcome::BudgetSpent => self.read_again.push(client),
+            ReadOutcome::Closed(reason) => self.room.close(slot, reason),
+        }
+    }
+
+    fn read_again_pending(&mut self) {
+        for client in std::mem::take(&mut self.read_again) {
+            if self.room.find(client).is_some() {
+                self.read_from(client.slot);
+            }
+        }
+    }
+
+    /// The socket can take more output again.
+    fn write_ready(&mut self, slot: usize) {
+        if let Some(conn) = self.room.get_mut(slot) {
+            if conn.closing().is_none() && conn.pending_output() > 0 {
+                self.flush_one(slot);
+            }
+        }
+    }
+
+    /// Writes each connection that got output this turn: one write per connection per turn,
+    /// however many lines it received.
+    fn flush_pending(&mut self) {
+        let mut list = std::mem::take(&mut self.flush_list);
+        self.room.take_flush_list(&mut list);
+        for &slot in &list {
+            self.flush_one(slot);
+        }
+        list.clear();
+        self.flush_list = list;
+    }
+
+    fn flush_one(&mut self, slot: usize) {
+        let registry = self.poll.registry();
+        let Some(conn) = self.room.get_mut(slot) else {
+            return;
+        };
+        if conn.closing().is_some() {
+            return;
+        }
+        let outcome = conn.flush();
+        let interest = match outcome {
+            FlushOutcome::Done => conn.set_wants_writable(registry, false),
+            FlushOutcome::Blocked => conn.set_wants_writable(registry, true),
+            FlushOutcome::Failed(reason) => return self.room.close(slot, reason),
+        };
+        if let Err(err) = interest {
+            self.room.close(slot, CloseReason::WriteError(err.kind()));
+        }
+    }
+
+    /// Removes connections marked closing, giving well-behaved ones their last output first,
+    /// and tells the others they left.
+    fn reap_closed(&mut self) {
+        for mut conn in self.room.take_closed() {
+            let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
+            if reason.flushes_first() {
+                let _ = conn.flush();
+            }
+            conn.deregister(self.poll.registry());
+            info!(
+                "client {} ({}) disconnected: {}",
+                conn.addr(),
+                conn.name,
+                reason.describe()
+            );
+            chat::left(&mut self.room, &conn.name);
+        }
+    }
+
+    /// Says goodbye to every client, writes what it can without waiting, and lets persistence
+    /// store what was already accepted.
+    fn shut_down(&mut self) {
+        let slots = self.room.slots_in_use();
+        info!("shutting down; {} clients connected", slots.len());
+        for &slot in &slots {
+            self.room.notice(slot, "server shutting down");
+        }
+        for slot in slots {
+            self.room.close(slot, CloseReason::Shutdown);
+        }
+        for mut conn in self.room.take_closed() {
+            let _ = conn.flush();
+            conn.deregister(self.poll.registry());
+        }
+        if let Some(persister) = self.persister.take() {
+            match persister.finish(PERSIST_DRAIN_TIMEOUT) {
+                Some(stats) => info!(
+                    "persistence stopped: {} messages saved, {} not saved",
+                    stats.saved, stats.failed
+                ),
+                None => warn!("persistence still busy after {PERSIST_DRAIN_TIMEOUT:?}; leaving it"),
+            }
+        }
+    }
+}

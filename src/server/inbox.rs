@@ -1,0 +1,84 @@
+//! The event loop's one way in from other threads: a bounded channel plus a `mio::Waker`.
+//!
+//! Sockets wake the loop through the poll; everything else (persistence results, a shutdown
+//! request, and later history replies or other nodes' messages) arrives here, so the loop has a
+//! single place to look when it is woken. Wakes coalesce, so the loop drains the channel until
+//! it is empty each time.
+
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
+
+use mio::Waker;
+
+/// Items in flight to the loop before senders wait. Each item is a whole batch of results, so
+/// this is small; a sender that waits is another thread, never the loop.
+const INBOX_CAPACITY: usize = 256;
+
+/// Names one connection for the lifetime of the server: its slot and its never-reused id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientRef {
+    pub slot: usize,
+    pub id: u64,
+}
+
+/// A chat message that could not be stored, to be reported to its sender.
+#[derive(Debug)]
+pub struct SaveFailure {
+    pub sender: ClientRef,
+    pub content: String,
+    pub reason: String,
+}
+
+/// What other threads tell the loop.
+#[derive(Debug)]
+pub enum LoopInput {
+    /// Messages the persistence thread could not store.
+    NotSaved(Vec<SaveFailure>),
+    /// Stop the server.
+    Shutdown,
+}
+
+/// The sending side, cloned into every thread that talks to the loop.
+#[derive(Clone, Debug)]
+pub struct LoopSender {
+    tx: SyncSender<LoopInput>,
+    waker: Arc<Waker>,
+}
+
+/// The loop has stopped; nothing will read this input.
+#[derive(Debug)]
+pub struct LoopGone;
+
+impl LoopSender {
+    /// Sends `input` and wakes the loop. Blocks while the inbox is full.
+    pub fn send(&self, input: LoopInput) -> Result<(), LoopGone> {
+        self.tx.send(input).map_err(|_| LoopGone)?;
+        // The input is queued; if the wake fails the loop still finds it on its next turn.
+        let _ = self.waker.wake();
+        Ok(())
+    }
+}
+
+/// The loop's receiving side.
+#[derive(Debug)]
+pub struct Inbox {
+    rx: Receiver<LoopInput>,
+}
+
+impl Inbox {
+    /// Creates the channel; `waker` must be registered with the loop's poll.
+    pub fn new(waker: Waker) -> (LoopSender, Inbox) {
+        let (tx, rx) = mpsc::sync_channel(INBOX_CAPACITY);
+        let sender = LoopSender {
+            tx,
+            waker: Arc::new(waker),
+        };
+        (sender, Inbox { rx })
+    }
+
+    /// The next waiting input, without blocking.
+    pub fn next(&self) -> Option<LoopInput> {
+        // Empty or disconnected (every sender gone): either way nothing more to read now.
+        self.rx.try_recv().ok()
+    }
+}

@@ -1,0 +1,162 @@
+//! The chat server: binding, starting the persistence thread, and running the event loop.
+//!
+//! `Server::bind` takes a config and binds, so callers (the binary, tests, benches) learn the
+//! real address before serving; port 0 picks a free one. `Server::run` serves on the calling
+//! thread until a `ServerHandle` asks it to stop.
+
+mod broadcast;
+mod chat;
+mod connection;
+mod event_loop;
+pub mod inbox;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::thread::{self, JoinHandle};
+
+use mio::net::TcpListener;
+use mio::{Poll, Waker};
+
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::info;
+use crate::persist::{redact_uri, Persister};
+use event_loop::{EventLoop, WAKER};
+use inbox::{Inbox, LoopInput, LoopSender};
+
+/// A bound server, ready to run.
+pub struct Server {
+    event_loop: EventLoop,
+    local_addr: SocketAddr,
+    sender: LoopSender,
+}
+
+/// Asks a running server to stop, from any thread.
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    sender: LoopSender,
+}
+
+impl ServerHandle {
+    /// Stops the server: clients are told and disconnected, queued messages are stored.
+    /// Does nothing if it has already stopped.
+    pub fn shutdown(&self) {
+        let _ = self.sender.send(LoopInput::Shutdown);
+    }
+}
+
+impl Server {
+    /// Binds the listener and starts the persistence thread (if configured).
+    pub fn bind(config: ServerConfig) -> Result<Server, Error> {
+        let addr = resolve(&config.host, config.port)?;
+        let listener = TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+        let local_addr = listener.local_addr()?;
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let (sender, inbox) = Inbox::new(waker);
+        let persister = match config.store {
+            Some(store) => {
+                info!(
+                    "persistence on: {}.{} at {}",
+                    store.database,
+                    store.collection,
+                    redact_uri(&store.uri)
+                );
+                Some(Persister::start(store, sender.clone())?)
+            }
+            None => {
+                info!("persistence off (--no-persist): messages are not stored");
+                None
+            }
+        };
+        let event_loop = EventLoop::new(
+            poll,
+            listener,
+            inbox,
+            persister,
+            config.max_line,
+            config.max_output,
+        )?;
+        Ok(Server {
+            event_loop,
+            local_addr,
+            sender,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that can stop the server once it runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            sender: self.sender.clone(),
+        }
+    }
+
+    /// Serves on this thread until shut down.
+    pub fn run(self) -> Result<(), Error> {
+        info!("listening on {}", self.local_addr);
+        self.event_loop.run()?;
+        info!("server stopped");
+        Ok(())
+    }
+
+    /// Runs the server on a new thread: for tests, benches and programs that embed it.
+    pub fn spawn(self) -> Result<RunningServer, Error> {
+        let addr = self.local_addr;
+        let handle = self.handle();
+        let thread = thread::Builder::new()
+            .name("peerchat-loop".to_string())
+            .spawn(move || self.run())?;
+        Ok(RunningServer {
+            addr,
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A server running on its own thread; dropping it shuts the server down.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub handle: ServerHandle,
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+impl RunningServer {
+    /// Shuts down and waits for the loop (and the persistence thread's drain) to finish.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), Error> {
+        self.handle.shutdown();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Panicked),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, Error> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|source| Error::Resolve {
+            host: host.to_string(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| Error::Resolve {
+            host: host.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })
+}
