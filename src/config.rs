@@ -149,7 +149,6 @@ impl fmt::Display for ArgError {
 
 impl std::error::Error for ArgError {}
 
-
 /// Parses the server's flags. `env_uri` is the value of `PEERCHAT_MONGO_URI`, if set.
 pub fn parse_server_args(
     args: Vec<OsString>,
@@ -166,8 +165,20 @@ pub fn parse_server_args(
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
     let collection = optional(&mut args, "--mongo-collection")?;
-    let timeout_ms = bounded(&mut args, "--mongo-timeout-ms", DEFAULT_MONGO_TIMEOUT_MS, 1, 600_000)?;
-    let queue = bounded(&mut args, "--persist-queue", DEFAULT_PERSIST_QUEUE, 1, 10_000_000)?;
+    let timeout_ms = bounded(
+        &mut args,
+        "--mongo-timeout-ms",
+        DEFAULT_MONGO_TIMEOUT_MS,
+        1,
+        600_000,
+    )?;
+    let queue = bounded(
+        &mut args,
+        "--persist-queue",
+        DEFAULT_PERSIST_QUEUE,
+        1,
+        10_000_000,
+    )?;
     let no_persist = args.contains("--no-persist");
     reject_leftovers(args)?;
     if max_output < max_line.saturating_mul(2) {
@@ -284,7 +295,10 @@ mod tests {
         assert_eq!(config.max_line, 4096);
         let store = config.store.expect("persistence is on by default");
         assert_eq!(store.uri, "mongodb://127.0.0.1:27017");
-        assert_eq!((store.database.as_str(), store.collection.as_str()), ("peerchat", "messages"));
+        assert_eq!(
+            (store.database.as_str(), store.collection.as_str()),
+            ("peerchat", "messages")
+        );
         assert_eq!(store.timeout, Duration::from_secs(2));
     }
 
@@ -292,7 +306,10 @@ mod tests {
     fn uri_flag_beats_environment_which_beats_default() {
         let from_env = run(server(&[], Some("mongodb://env:1")));
         assert_eq!(from_env.store.unwrap().uri, "mongodb://env:1");
-        let from_flag = run(server(&["--mongo-uri", "mongodb://flag:2"], Some("mongodb://env:1")));
+        let from_flag = run(server(
+            &["--mongo-uri", "mongodb://flag:2"],
+            Some("mongodb://env:1"),
+        ));
         assert_eq!(from_flag.store.unwrap().uri, "mongodb://flag:2");
     }
 

@@ -5,16 +5,30 @@
 
 use std::fmt;
 use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-use time::format_description::well_known::Rfc3339;
+use time::format_description::FormatItem;
+use time::macros::format_description;
 use time::OffsetDateTime;
 
+/// UTC, millisecond precision, fixed width: `2026-01-02T03:04:05.678Z`.
+const STAMP: &[FormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
 /// How serious a log line is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
-    Info,
-    Warn,
-    Error,
+    Info = 0,
+    Warn = 1,
+    Error = 2,
+}
+
+/// Lines below this level are not written.
+static MIN_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+/// Writes only lines at `level` or above from now on (tests use it to keep their output short).
+pub fn set_min_level(level: Level) {
+    MIN_LEVEL.store(level as u8, Ordering::Relaxed);
 }
 
 impl Level {
@@ -29,12 +43,10 @@ impl Level {
 
 /// Writes `2026-01-02T03:04:05.678Z LEVEL message` to stderr. Prefer the macros.
 pub fn write(level: Level, args: fmt::Arguments<'_>) {
-    let now = OffsetDateTime::now_utc();
-    let stamp = now
-        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default();
+    if (level as u8) < MIN_LEVEL.load(Ordering::Relaxed) {
+        return;
+    }
+    let stamp = OffsetDateTime::now_utc().format(STAMP).unwrap_or_default();
     // A failed log write has nowhere better to go; ignore it rather than crash the server.
     let _ = writeln!(std::io::stderr().lock(), "{stamp} {} {args}", level.label());
 }

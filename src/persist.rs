@@ -151,9 +151,10 @@ fn run(config: StoreConfig, incoming: Receiver<Record>, results: LoopSender) -> 
     stats
 }
 
-/// The database side: a lazily created client, and whether the last attempt worked (so the
-/// log says when saving stops and resumes, not once per failed batch).
-struct Store {
+/// The database side of persistence: a lazily created driver client, and whether the last
+/// attempt worked (so the log says when saving stops and resumes, not once per failed batch).
+/// Used by the persistence thread; public so tests and benches can drive it directly.
+pub struct Store {
     config: StoreConfig,
     collection: Option<Collection<Document>>,
     index_ready: bool,
@@ -161,7 +162,8 @@ struct Store {
 }
 
 impl Store {
-    fn new(config: StoreConfig) -> Self {
+    /// A store for `config`; nothing connects until the first call that needs the database.
+    pub fn new(config: StoreConfig) -> Self {
         Store {
             config,
             collection: None,
@@ -172,7 +174,7 @@ impl Store {
 
     /// Connects and creates the `timestamp` index, logging one warning if the database is not
     /// there; saving then keeps trying with each batch.
-    fn prepare(&mut self) {
+    pub fn prepare(&mut self) {
         match self.ensure_index() {
             Ok(()) => info!(
                 "storing messages in {}.{} at {}",
@@ -193,7 +195,7 @@ impl Store {
 
     /// Stores a batch. Returns the index of each message that could not be stored, with the
     /// reason to give its sender.
-    fn save(&mut self, batch: &[Record]) -> Vec<(usize, String)> {
+    pub fn save(&mut self, batch: &[Record]) -> Vec<(usize, String)> {
         let documents: Vec<Document> = batch.iter().map(Record::to_document).collect();
         let mut result = self.insert(&documents);
         if let Err(err) = &result {
@@ -231,7 +233,10 @@ impl Store {
                 .collection(&self.config.collection);
             self.collection = Some(collection);
         }
-        Ok(self.collection.as_ref().expect("collection was just created"))
+        Ok(self
+            .collection
+            .as_ref()
+            .expect("collection was just created"))
     }
 
     fn ensure_index(&mut self) -> Result<(), DbError> {
@@ -246,7 +251,10 @@ impl Store {
         if worked && !self.healthy {
             info!("MongoDB is back: saving resumed");
         } else if !worked && self.healthy {
-            let reason = failures.first().map(|(_, reason)| reason.as_str()).unwrap_or("");
+            let reason = failures
+                .first()
+                .map(|(_, reason)| reason.as_str())
+                .unwrap_or("");
             warn!("saving to MongoDB failed ({reason}); senders are told, will keep trying");
         }
         self.healthy = worked;
@@ -290,7 +298,9 @@ fn failed_indexes(err: &DbError, batch_len: usize) -> Vec<(usize, String)> {
         return failed;
     }
     let reason = describe(err);
-    (0..batch_len).map(|index| (index, reason.clone())).collect()
+    (0..batch_len)
+        .map(|index| (index, reason.clone()))
+        .collect()
 }
 
 /// A short reason for a sender or the log.
@@ -341,7 +351,10 @@ mod tests {
             redact_uri("mongodb+srv://app:s3cret@cluster0.example.net/?retryWrites=true"),
             "mongodb+srv://app:***@cluster0.example.net/?retryWrites=true"
         );
-        assert_eq!(redact_uri("mongodb://127.0.0.1:27017"), "mongodb://127.0.0.1:27017");
+        assert_eq!(
+            redact_uri("mongodb://127.0.0.1:27017"),
+            "mongodb://127.0.0.1:27017"
+        );
     }
 
     #[test]

@@ -219,7 +219,10 @@ mod tests {
 
     #[test]
     fn sanitize_keeps_clean_text_borrowed() {
-        assert!(matches!(sanitize("héllo\tworld".as_bytes()), Cow::Borrowed(_)));
+        assert!(matches!(
+            sanitize("héllo\tworld".as_bytes()),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
@@ -260,7 +263,10 @@ mod tests {
 
     #[test]
     fn not_saved_quotes_at_most_forty_characters() {
-        assert_eq!(not_saved("short", "db down"), "not saved: \"short\" (db down)");
+        assert_eq!(
+            not_saved("short", "db down"),
+            "not saved: \"short\" (db down)"
+        );
         let long = "é".repeat(50);
         let expected = format!("not saved: \"{}\u{2026}\" (x)", "é".repeat(40));
         assert_eq!(not_saved(&long, "x"), expected);

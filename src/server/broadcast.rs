@@ -96,7 +96,10 @@ impl Room {
 
     /// How `slot` is named in persistence reports.
     pub fn client_ref(&self, slot: usize) -> Option<ClientRef> {
-        self.get(slot).map(|conn| ClientRef { slot, id: conn.id() })
+        self.get(slot).map(|conn| ClientRef {
+            slot,
+            id: conn.id(),
+        })
     }
 
     /// Connected clients, closing ones included.
@@ -214,13 +217,27 @@ impl Room {
             if Some(slot) == except || conn.closing().is_some() {
                 continue;
             }
-            Self::queue_to(conn, slot, &self.line, self.max_output, &mut self.to_flush, &mut self.to_reap);
+            Self::queue_to(
+                conn,
+                slot,
+                &self.line,
+                self.max_output,
+                &mut self.to_flush,
+                &mut self.to_reap,
+            );
         }
     }
 
     fn deliver(&mut self, slot: usize) {
         if let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) {
-            Self::queue_to(conn, slot, &self.line, self.max_output, &mut self.to_flush, &mut self.to_reap);
+            Self::queue_to(
+                conn,
+                slot,
+                &self.line,
+                self.max_output,
+                &mut self.to_flush,
+                &mut self.to_reap,
+            );
         }
     }
 

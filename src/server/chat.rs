@@ -85,7 +85,9 @@ fn store(
     addr: SocketAddr,
     message: &str,
 ) {
-    let Some(sender) = room.client_ref(slot) else { return };
+    let Some(sender) = room.client_ref(slot) else {
+        return;
+    };
     let record = Record {
         id: bson::oid::ObjectId::new(),
         sender,
@@ -106,7 +108,9 @@ fn nick(room: &mut Room, slot: usize, name: &str) {
     if room.name_taken(name, slot) {
         return room.error(slot, &protocol::nick_taken(name));
     }
-    let Some(conn) = room.get_mut(slot) else { return };
+    let Some(conn) = room.get_mut(slot) else {
+        return;
+    };
     if conn.name == name {
         return;
     }

@@ -239,7 +239,12 @@ impl Connection {
     }
 
     /// Reads up to `budget` bytes through `scratch` and appends the lines found to `batch`.
-    pub fn read(&mut self, scratch: &mut [u8], budget: usize, batch: &mut InputBatch) -> ReadOutcome {
+    pub fn read(
+        &mut self,
+        scratch: &mut [u8],
+        budget: usize,
+        batch: &mut InputBatch,
+    ) -> ReadOutcome {
         let mut total = 0;
         while total < budget {
             match self.socket.read(scratch) {
@@ -282,7 +287,9 @@ impl Connection {
     pub fn flush(&mut self) -> FlushOutcome {
         while self.output.len() > 0 {
             match self.socket.write(self.output.pending()) {
-                Ok(0) => return FlushOutcome::Failed(CloseReason::WriteError(ErrorKind::WriteZero)),
+                Ok(0) => {
+                    return FlushOutcome::Failed(CloseReason::WriteError(ErrorKind::WriteZero))
+                }
                 Ok(n) => self.output.consume(n),
                 Err(err) if err.kind() == ErrorKind::WouldBlock => return FlushOutcome::Blocked,
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,

@@ -180,7 +180,11 @@ impl EventLoop {
         self.batch.clear();
         let outcome = conn.read(&mut self.scratch, READ_BUDGET, &mut self.batch);
         for item in self.batch.items() {
-            if self.room.get(slot).is_none_or(|conn| conn.closing().is_some()) {
+            if self
+                .room
+                .get(slot)
+                .is_none_or(|conn| conn.closing().is_some())
+            {
                 break;
             }
             match item {

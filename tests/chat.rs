@@ -1,0 +1,261 @@
+//! End-to-end chat behaviour over real loopback sockets, persistence off.
+
+mod common;
+
+use std::collections::HashMap;
+use std::thread;
+use std::time::Duration;
+
+use common::{start_chat_only, start_server, Chat};
+use peerchat::ServerConfig;
+
+#[test]
+fn chat_reaches_every_other_client_and_not_the_sender() {
+    let server = start_chat_only();
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    let mut carol = Chat::named(server.addr, "carol");
+    alice.sync();
+    bob.sync();
+
+    alice.send("hello everyone");
+    assert_eq!(bob.line(), "<alice> hello everyone");
+    assert_eq!(carol.line(), "<alice> hello everyone");
+    let before_who = alice.sync();
+    assert!(
+        before_who.is_empty(),
+        "the sender got something back: {before_who:?}"
+    );
+}
+
+#[test]
+fn default_name_is_ip_and_port_and_crlf_input_is_accepted() {
+    let server = start_chat_only();
+    let mut anon = Chat::connect(server.addr);
+    let mut listener = Chat::connect(server.addr);
+    anon.sync();
+    anon.send_bytes(b"from telnet\r\n");
+    assert_eq!(
+        listener.line(),
+        format!("<{}> from telnet", anon.local_addr())
+    );
+}
+
+#[test]
+fn join_nick_and_leave_notices() {
+    let server = start_chat_only();
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::connect(server.addr);
+    let bob_addr = bob.name.clone();
+    assert_eq!(alice.line(), format!("* {bob_addr} joined"));
+
+    bob.send("/nick bob");
+    assert_eq!(alice.line(), format!("* {bob_addr} is now bob"));
+    assert_eq!(bob.line(), format!("* {bob_addr} is now bob"));
+
+    bob.send("/quit");
+    assert_eq!(bob.read_to_end(), vec!["* bye".to_string()]);
+    assert_eq!(alice.line(), "* bob left");
+
+    let mut carol = Chat::connect(server.addr);
+    let carol_addr = carol.name.clone();
+    assert_eq!(alice.line(), format!("* {carol_addr} joined"));
+    drop(carol.sync());
+    drop(carol); // an abrupt close, not /quit
+    assert_eq!(alice.line(), format!("* {carol_addr} left"));
+}
+
+#[test]
+fn who_lists_everyone_online() {
+    let server = start_chat_only();
+    let _alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    let anon = Chat::connect(server.addr);
+    bob.sync();
+    bob.send("/who");
+    let reply = bob.wait_for(|line| line.contains(" online: "));
+    assert!(reply.starts_with("* 3 online: "), "{reply}");
+    for name in ["alice", "bob", anon.name.as_str()] {
+        assert!(reply.contains(name), "{name} missing from {reply}");
+    }
+}
+
+#[test]
+fn nick_rules() {
+    let server = start_chat_only();
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut other = Chat::connect(server.addr);
+    alice.sync();
+    other.send("/nick ALICE");
+    assert_eq!(other.line(), "! nick ALICE is taken");
+    other.send("/nick 10.0.0.1:80");
+    assert!(other.line().starts_with("! invalid nick"));
+    other.send("/nick");
+    assert_eq!(other.line(), "! usage: /nick NAME");
+    alice.expect_silence(Duration::from_millis(200));
+}
+
+#[test]
+fn commands_help_unknown_slash_escape_and_empty_lines() {
+    let server = start_chat_only();
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+
+    alice.send("/help");
+    let help: Vec<String> = (0..6).map(|_| alice.line()).collect();
+    assert!(help.iter().all(|line| line.starts_with("* ")), "{help:?}");
+    for command in ["/nick", "/who", "/help", "/quit", "//"] {
+        assert!(
+            help.iter().any(|line| line.contains(command)),
+            "{command} not in /help"
+        );
+    }
+
+    alice.send("/dance");
+    assert_eq!(alice.line(), "! unknown command /dance (try /help)");
+
+    alice.send("");
+    alice.send("   ");
+    alice.send_bytes(b"\r\n");
+    alice.send("//shrug");
+    assert_eq!(bob.line(), "<alice> /shrug");
+    assert!(alice.sync().is_empty());
+}
+
+#[test]
+fn overlong_line_is_refused_and_the_connection_keeps_working() {
+    let mut config = ServerConfig::local(None);
+    config.max_line = 100;
+    let server = start_server(config);
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+
+    alice.send(&"x".repeat(101));
+    assert_eq!(alice.line(), "! line too long (max 100 bytes)");
+    // The excess arrives over many writes, without a newline for a long time.
+    for _ in 0..50 {
+        alice.send_bytes(&[b'y'; 1000]);
+    }
+    alice.send_bytes(b"\nafter\n");
+    assert_eq!(alice.line(), "! line too long (max 100 bytes)");
+    alice.send(&"z".repeat(100));
+    assert_eq!(bob.line(), "<alice> after");
+    assert_eq!(bob.line(), format!("<alice> {}", "z".repeat(100)));
+    assert!(
+        bob.sync().is_empty(),
+        "no part of a long line may be delivered"
+    );
+}
+
+#[test]
+fn control_bytes_and_invalid_utf8_do_not_reach_other_terminals() {
+    let server = start_chat_only();
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+    alice.send_bytes(b"\x1b[2Jhi\x07 \xff there\n");
+    assert_eq!(bob.line(), "<alice> [2Jhi \u{fffd} there");
+}
+
+/// 60 clients send 10 messages each; every client receives every other client's messages, in
+/// the order each sender sent them.
+#[test]
+fn many_clients_receive_every_message_in_per_sender_order() {
+    const CLIENTS: usize = 60;
+    const MESSAGES: usize = 10;
+    let server = start_chat_only();
+    let mut chats: Vec<Chat> = (0..CLIENTS)
+        .map(|i| Chat::named(server.addr, &format!("c{i}")))
+        .collect();
+    for chat in &mut chats {
+        chat.sync(); // every join and rename notice read
+    }
+    let handles: Vec<_> = chats
+        .into_iter()
+        .map(|mut chat| {
+            thread::spawn(move || {
+                for n in 0..MESSAGES {
+                    chat.send(&format!("msg {n}"));
+                }
+                let mut next_from: HashMap<String, usize> = HashMap::new();
+                let expected = (CLIENTS - 1) * MESSAGES;
+                for _ in 0..expected {
+                    let line = chat.line();
+                    let (sender, n) = parse_numbered(&line);
+                    assert_ne!(sender, chat.name, "a client got its own message back");
+                    let next = next_from.entry(sender.to_string()).or_default();
+                    assert_eq!(n, *next, "{}: out of order from {sender}", chat.name);
+                    *next += 1;
+                }
+                assert!(chat.sync().is_empty(), "{}: extra lines", chat.name);
+                next_from.len()
+            })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.join().expect("client thread"), CLIENTS - 1);
+    }
+}
+
+fn parse_numbered(line: &str) -> (&str, usize) {
+    let rest = line
+        .strip_prefix('<')
+        .unwrap_or_else(|| panic!("not chat: {line}"));
+    let (sender, text) = rest
+        .split_once("> msg ")
+        .unwrap_or_else(|| panic!("not chat: {line}"));
+    (sender, text.parse().expect("message number"))
+}
+
+/// The talker stays at most `WINDOW` lines ahead of the reader, so only the client that never
+/// reads can pile up output.
+#[test]
+fn a_client_that_never_reads_is_disconnected_and_others_keep_receiving() {
+    const LINES: usize = 4000; // 16 MB: far more than socket buffers plus the 1 MiB output limit
+    const WINDOW: usize = 100;
+    let server = start_chat_only();
+    let mut stuck = Chat::named(server.addr, "stuck");
+    let mut talker = Chat::named(server.addr, "talker");
+    let mut reader = Chat::named(server.addr, "reader");
+    stuck.sync();
+    talker.sync();
+    let (progress, received) = std::sync::mpsc::channel();
+    let reader_thread = thread::spawn(move || {
+        let mut chat_lines = 0;
+        let mut saw_left = false;
+        while chat_lines < LINES {
+            let got = reader.line();
+            if got == "* stuck left" {
+                saw_left = true;
+                continue;
+            }
+            assert_eq!(got.len(), "<talker> ".len() + 4000);
+            chat_lines += 1;
+            if chat_lines % WINDOW == 0 {
+                progress.send(chat_lines).unwrap();
+            }
+        }
+        saw_left || reader.wait_for(|l| l == "* stuck left") == "* stuck left"
+    });
+    let line = "x".repeat(4000);
+    let mut acknowledged = 0;
+    for sent in 0..LINES {
+        while sent >= acknowledged + 2 * WINDOW {
+            acknowledged = received
+                .recv_timeout(common::DEADLINE)
+                .expect("reader progress");
+        }
+        talker.send(&line);
+    }
+    assert!(
+        reader_thread.join().expect("reader"),
+        "others are told the slow client left"
+    );
+    let seen = stuck.read_to_end();
+    assert!(
+        seen.len() < LINES,
+        "the stuck client cannot have received everything"
+    );
+}

@@ -1,0 +1,275 @@
+//! Persistence against a real MongoDB-wire server (SecantusDB, or `PEERCHAT_TEST_MONGO_URI`),
+//! through the real driver: what is stored, and what happens when the database fails.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bson::oid::ObjectId;
+use common::{start_server, Chat, TestDb};
+use peerchat::persist::{Record, Store};
+use peerchat::server::inbox::ClientRef;
+use peerchat::ServerConfig;
+use time::OffsetDateTime;
+
+#[test]
+fn each_message_is_stored_once_with_its_metadata() {
+    let db = TestDb::start();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut anon = Chat::connect(server.addr);
+    alice.sync();
+    let started = OffsetDateTime::now_utc();
+
+    for n in 0..20 {
+        alice.send(&format!("alice says {n}"));
+    }
+    anon.send("anonymous words");
+    anon.send("/who"); // commands are not stored
+    anon.sync();
+
+    let stored = db.wait_for_stored(21);
+    assert_eq!(stored.len(), 21, "each message stored exactly once");
+    let ids: HashSet<ObjectId> = stored
+        .iter()
+        .map(|d| d.get_object_id("_id").unwrap())
+        .collect();
+    assert_eq!(ids.len(), 21);
+
+    let alice_port = i32::from(alice.local_addr().port());
+    let alice_docs: Vec<_> = stored
+        .iter()
+        .filter(|d| d.get_str("nick").ok() == Some("alice"))
+        .collect();
+    assert_eq!(alice_docs.len(), 20);
+    for (n, doc) in alice_docs.iter().enumerate() {
+        assert_eq!(doc.get_str("content").unwrap(), format!("alice says {n}"));
+        assert_eq!(doc.get_str("ip").unwrap(), "127.0.0.1");
+        assert_eq!(doc.get_i32("port").unwrap(), alice_port);
+        let millis = doc.get_datetime("timestamp").unwrap().timestamp_millis();
+        let started_ms = (started.unix_timestamp_nanos() / 1_000_000) as i64;
+        assert!(
+            millis >= started_ms - 1000,
+            "timestamp {millis} before the test"
+        );
+    }
+    let anon_doc = stored
+        .iter()
+        .find(|d| d.get_str("content").ok() == Some("anonymous words"))
+        .expect("anonymous message stored");
+    assert_eq!(anon_doc.get_str("nick").unwrap(), anon.name);
+    assert_eq!(
+        anon_doc.get_i32("port").unwrap(),
+        i32::from(anon.local_addr().port())
+    );
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_timestamp_index_is_created_at_start() {
+    let db = TestDb::start();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        let names = db.messages().list_index_names().run().unwrap_or_default();
+        if names.iter().any(|name| name.starts_with("timestamp")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no timestamp index: {names:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(server);
+}
+
+#[test]
+fn a_refused_insert_is_reported_to_the_sender_only() {
+    let db = TestDb::start();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+    db.fail_inserts(Some(2));
+
+    let long = "this message is refused by the database and it is rather long";
+    alice.send(long);
+    assert_eq!(bob.line(), format!("<alice> {long}"));
+    let report = alice.line();
+    assert_eq!(
+        report,
+        "! not saved: \"this message is refused by the database \u{2026}\" (database error 2 BadValue)"
+    );
+    assert!(bob.sync().is_empty(), "the error went to someone else");
+
+    db.fail_inserts(None);
+    alice.send("this one is stored");
+    let stored = db.wait_for_stored(1);
+    let contents: Vec<&str> = stored
+        .iter()
+        .map(|d| d.get_str("content").unwrap())
+        .collect();
+    assert_eq!(contents, vec!["this one is stored"]);
+    assert!(alice.sync().is_empty(), "no error for a stored message");
+}
+
+#[test]
+fn a_failure_report_never_reaches_a_later_client_in_the_same_slot() {
+    let db = TestDb::start();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let mut listener = Chat::named(server.addr, "listener");
+    db.fail_inserts(Some(2));
+    let mut leaver = Chat::named(server.addr, "leaver");
+    listener.sync();
+    leaver.send("doomed message");
+    leaver.send("/quit");
+    leaver.read_to_end();
+    // The newcomer reuses the leaver's slot; the failure for the leaver's message must not
+    // be delivered to it.
+    let mut newcomer = Chat::connect(server.addr);
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = newcomer.sync();
+    assert!(
+        lines.iter().all(|line| !line.starts_with("! not saved")),
+        "{lines:?}"
+    );
+    db.fail_inserts(None);
+}
+
+#[test]
+fn chat_goes_on_while_the_database_is_down_and_saving_resumes_after() {
+    let mut db = TestDb::start_own();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+    alice.send("before the outage");
+    assert_eq!(bob.line(), "<alice> before the outage");
+    db.wait_for_stored(1);
+
+    db.kill();
+    let sent_at = Instant::now();
+    alice.send("during the outage");
+    assert_eq!(bob.line(), "<alice> during the outage");
+    bob.send("bob can still talk");
+    assert_eq!(alice.line(), "<bob> bob can still talk");
+    let alice_error = alice.wait_for(|line| line.starts_with("! not saved"));
+    assert!(
+        alice_error.starts_with("! not saved: \"during the outage\" (database"),
+        "{alice_error}"
+    );
+    let bob_error = bob.wait_for(|line| line.starts_with("! not saved"));
+    assert!(
+        bob_error.starts_with("! not saved: \"bob can still talk\""),
+        "{bob_error}"
+    );
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(10),
+        "failures must be timely"
+    );
+
+    db.restart(); // an empty in-memory database on the same port
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        alice.send(&format!("after the outage {n}"));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(300));
+        if !db.stored().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "saving did not resume after the database returned"
+        );
+    }
+    let stored = db.wait_for_stored(1);
+    assert!(stored[0]
+        .get_str("content")
+        .unwrap()
+        .starts_with("after the outage"));
+}
+
+#[test]
+fn the_server_starts_without_a_database_and_saves_once_it_appears() {
+    let mut db = TestDb::reserve_own();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+    alice.send("nobody stores this");
+    assert_eq!(bob.line(), "<alice> nobody stores this");
+    let error = alice.wait_for(|line| line.starts_with("! not saved"));
+    assert!(error.contains("(database unreachable)"), "{error}");
+
+    db.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while db.stored().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "saving did not start when the database appeared"
+        );
+        alice.send(&format!("stored at last {n}"));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_full_queue_fails_messages_at_once_and_each_gets_one_report() {
+    let db = TestDb::reserve_own(); // nothing listening: every batch waits for the timeout
+    let mut store = db.store_config();
+    store.queue_capacity = 1;
+    let server = start_server(ServerConfig::local(Some(store)));
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    alice.sync();
+    for n in 0..4 {
+        alice.send(&format!("queued {n}"));
+    }
+    for n in 0..4 {
+        assert_eq!(bob.line(), format!("<alice> queued {n}"));
+    }
+    let mut reports = Vec::new();
+    while reports.len() < 4 {
+        reports.push(alice.wait_for(|line| line.starts_with("! not saved")));
+    }
+    assert!(
+        reports.iter().any(|line| line.contains("save queue full")),
+        "{reports:?}"
+    );
+    for n in 0..4 {
+        let quoted = format!("\"queued {n}\"");
+        let count = reports.iter().filter(|line| line.contains(&quoted)).count();
+        assert_eq!(count, 1, "message {n} reported {count} times: {reports:?}");
+    }
+    alice.expect_silence(Duration::from_millis(2500));
+}
+
+/// A batch sent again after its first attempt stored part of it: the duplicates count as
+/// saved, and nothing is stored twice.
+#[test]
+fn resending_a_batch_stores_nothing_twice() {
+    let db = TestDb::start();
+    let mut store = Store::new(db.store_config());
+    let records: Vec<Record> = (0..10).map(record).collect();
+    assert!(store.save(&records[..4]).is_empty(), "first part stored");
+    let failures = store.save(&records);
+    assert!(
+        failures.is_empty(),
+        "duplicates must count as saved: {failures:?}"
+    );
+    let stored = db.stored();
+    assert_eq!(stored.len(), 10);
+}
+
+fn record(n: usize) -> Record {
+    Record {
+        id: ObjectId::new(),
+        sender: ClientRef { slot: 0, id: 1 },
+        content: format!("message {n}"),
+        nick: "tester".to_string(),
+        addr: "127.0.0.1:4000".parse().unwrap(),
+        accepted_at: OffsetDateTime::now_utc(),
+    }
+}
