@@ -1,0 +1,230 @@
+//! The built binaries, run as a user would: flags, exit codes, piped input.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{free_port, start_chat_only, Chat, DEADLINE};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_peerchat-server");
+const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
+
+/// Runs a command to completion within `DEADLINE`, killing it otherwise.
+fn run_bounded(mut child: Child) -> Output {
+    let deadline = Instant::now() + DEADLINE;
+    while child.try_wait().expect("wait for child").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {DEADLINE:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+fn run_with_args(exe: &str, args: &[&str]) -> Output {
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start binary");
+    run_bounded(child)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_every_flag_and_version_prints() {
+    let help = run_with_args(SERVER, &["--help"]);
+    assert!(help.status.success());
+    let stdout = text(&help.stdout);
+    for flag in [
+        "--host",
+        "--port",
+        "--max-line",
+        "--mongo-uri",
+        "--no-persist",
+        "default",
+    ] {
+        assert!(stdout.contains(flag), "{flag} missing from server --help");
+    }
+    let help = run_with_args(CLIENT, &["--help"]);
+    assert!(help.status.success());
+    for flag in ["--host", "--port", "--nick"] {
+        assert!(
+            text(&help.stdout).contains(flag),
+            "{flag} missing from client --help"
+        );
+    }
+    let version = run_with_args(SERVER, &["--version"]);
+    assert!(text(&version.stdout).starts_with("peerchat-server "));
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    for (exe, args, flag) in [
+        (SERVER, &["--port", "seventy"][..], "--port"),
+        (SERVER, &["--max-line", "0"][..], "--max-line"),
+        (SERVER, &["--frobnicate"][..], "--frobnicate"),
+        (CLIENT, &["--port"][..], "--port"),
+        (CLIENT, &["--colour", "red"][..], "--colour"),
+    ] {
+        let out = run_with_args(exe, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    }
+}
+
+/// The server binary on port 0: its log names the address, and it serves chat.
+#[test]
+fn server_binary_logs_its_address_and_serves() {
+    let mut server = Command::new(SERVER)
+        .args(["--port", "0", "--no-persist"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let addr = listening_address(&mut server);
+    let mut alice = Chat::named(addr, "alice");
+    let mut bob = Chat::named(addr, "bob");
+    alice.sync();
+    alice.send("via the binary");
+    assert_eq!(bob.line(), "<alice> via the binary");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Reads the server's log until `listening on ADDR`, checking the log line format on the way.
+fn listening_address(server: &mut Child) -> SocketAddr {
+    let stderr = server.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(DEADLINE).expect("server log line");
+        let (stamp, rest) = line.split_once(' ').expect("timestamp first");
+        assert!(
+            stamp.ends_with('Z') && stamp.len() == 24,
+            "timestamp: {line}"
+        );
+        assert!(
+            rest.starts_with("INFO ") || rest.starts_with("WARN "),
+            "level: {line}"
+        );
+        if let Some(addr) = rest.split("listening on ").nth(1) {
+            return addr.trim().parse().expect("address in log");
+        }
+    }
+}
+
+#[test]
+fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
+    let server = start_chat_only();
+    let mut watcher = Chat::named(server.addr, "watcher");
+    let mut client = Command::new(CLIENT)
+        .args(["--port", &server.addr.port().to_string(), "--nick", "piper"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client");
+    let mut stdin = client.stdin.take().unwrap();
+    stdin
+        .write_all(b"first line from a file\nsecond line\r\n/who\n")
+        .unwrap();
+    drop(stdin); // end of input
+
+    watcher.wait_for(|line| line.ends_with("is now piper"));
+    assert_eq!(watcher.line(), "<piper> first line from a file");
+    assert_eq!(watcher.line(), "<piper> second line");
+    assert_eq!(watcher.line(), "* piper left");
+
+    let out = run_bounded(client);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("* welcome, you are 127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(
+        lines.iter().any(|l| l.ends_with("is now piper")),
+        "{stdout}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("* 2 online: ")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains('\r'), "the client strips CR");
+}
+
+#[test]
+fn client_quit_exits_0() {
+    let server = start_chat_only();
+    let mut client = Command::new(CLIENT)
+        .args(["--port", &server.addr.port().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client");
+    // /quit with stdin still open: the client must exit on the server's close alone.
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"/quit\n").unwrap();
+    let out = run_bounded(client);
+    drop(stdin);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("* bye"));
+}
+
+#[test]
+fn client_fails_when_no_server_listens() {
+    let port = free_port().to_string();
+    let out = run_with_args(CLIENT, &["--port", &port]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn client_fails_when_the_server_goes_away() {
+    let server = start_chat_only();
+    let mut client = Command::new(CLIENT)
+        .args(["--port", &server.addr.port().to_string()])
+        .stdin(Stdio::piped()) // kept open: the user is still typing
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client");
+    let mut stdout = client.stdout.take().unwrap();
+    let mut first = [0u8; 9];
+    stdout.read_exact(&mut first).unwrap(); // "* welcome"
+    server.stop().unwrap();
+    let out = run_bounded(client);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("closed the connection"), "{stderr}");
+}
