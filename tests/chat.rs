@@ -190,12 +190,16 @@ fn many_clients_receive_every_message_in_per_sender_order() {
                     *next += 1;
                 }
                 assert!(chat.sync().is_empty(), "{}: extra lines", chat.name);
-                next_from.len()
+                (next_from.len(), chat) // kept connected until all are done: no `left` notices
             })
         })
         .collect();
-    for handle in handles {
-        assert_eq!(handle.join().expect("client thread"), CLIENTS - 1);
+    let results: Vec<(usize, Chat)> = handles
+        .into_iter()
+        .map(|handle| handle.join().expect("client thread"))
+        .collect();
+    for (senders_heard, _) in &results {
+        assert_eq!(*senders_heard, CLIENTS - 1);
     }
 }
 

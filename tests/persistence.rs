@@ -112,27 +112,32 @@ fn a_refused_insert_is_reported_to_the_sender_only() {
     assert!(alice.sync().is_empty(), "no error for a stored message");
 }
 
+/// The sender leaves before its failure comes back, and a newcomer takes its connection slot:
+/// the report must not reach the newcomer.
 #[test]
 fn a_failure_report_never_reaches_a_later_client_in_the_same_slot() {
-    let db = TestDb::start();
+    let db = TestDb::reserve_own(); // unreachable: each batch fails only after the timeout
     let server = start_server(ServerConfig::local(Some(db.store_config())));
-    let mut listener = Chat::named(server.addr, "listener");
-    db.fail_inserts(Some(2));
+    let mut witness = Chat::named(server.addr, "witness");
     let mut leaver = Chat::named(server.addr, "leaver");
-    listener.sync();
+    witness.sync();
     leaver.send("doomed message");
+    assert_eq!(witness.line(), "<leaver> doomed message");
     leaver.send("/quit");
     leaver.read_to_end();
-    // The newcomer reuses the leaver's slot; the failure for the leaver's message must not
-    // be delivered to it.
-    let mut newcomer = Chat::connect(server.addr);
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(witness.line(), "* leaver left");
+    let mut newcomer = Chat::connect(server.addr); // takes the leaver's free slot
+    witness.sync();
+    // The witness's message is queued after the leaver's, so once its failure is back, the
+    // leaver's has been handled too.
+    witness.send("witness message");
+    let report = witness.wait_for(|line| line.starts_with("! not saved"));
+    assert!(report.contains("witness message"), "{report}");
     let lines = newcomer.sync();
     assert!(
         lines.iter().all(|line| !line.starts_with("! not saved")),
-        "{lines:?}"
+        "a report reached the wrong client: {lines:?}"
     );
-    db.fail_inserts(None);
 }
 
 #[test]
