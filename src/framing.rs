@@ -76,12 +76,16 @@ impl LineFramer {
         self.tail.len()
     }
 
-    /// Gives back the tail's allocation when it is empty, so an idle connection holds no buffer.
-    pub fn shrink_if_idle(&mut self) {
-        if self.tail.is_empty() || self.tail_returned {
-            self.tail = Vec::new();
-            self.tail_returned = false;
+    /// Gives back the tail's allocation when it holds no unfinished line, so an idle
+    /// connection holds no buffer. Returns the bytes freed.
+    pub fn shrink_if_idle(&mut self) -> usize {
+        if !self.tail.is_empty() && !self.tail_returned {
+            return 0;
         }
+        let freed = self.tail.capacity();
+        self.tail = Vec::new();
+        self.tail_returned = false;
+        freed
     }
 
     fn skip_to_newline(&mut self, input: &mut &[u8]) {

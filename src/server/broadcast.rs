@@ -187,14 +187,17 @@ impl Room {
         closed
     }
 
-    /// Frees the buffers of connections with nothing pending.
-    pub fn shrink_idle(&mut self) {
+    /// Frees the buffers of connections with nothing pending. Returns the bytes freed.
+    pub fn shrink_idle(&mut self) -> usize {
+        let mut freed = 0;
         for conn in self.slots.iter_mut().flatten() {
-            conn.shrink_if_idle();
+            freed += conn.shrink_if_idle();
         }
         if self.line.capacity() > self.max_line * 2 + 64 {
+            freed += self.line.capacity();
             self.line = Vec::new();
         }
+        freed
     }
 
     /// Every slot still in use, for shutdown.

@@ -163,10 +163,14 @@ impl OutputBuffer {
         }
     }
 
-    fn shrink_if_idle(&mut self) {
-        if self.len() == 0 {
-            *self = OutputBuffer::default();
+    /// Frees the buffer if nothing is pending; returns the bytes freed.
+    fn shrink_if_idle(&mut self) -> usize {
+        if self.len() > 0 {
+            return 0;
         }
+        let freed = self.bytes.capacity();
+        *self = OutputBuffer::default();
+        freed
     }
 }
 
@@ -315,15 +319,50 @@ impl Connection {
         Ok(())
     }
 
-    /// Frees buffers that hold nothing, so idle connections cost little memory.
-    pub fn shrink_if_idle(&mut self) {
-        self.output.shrink_if_idle();
-        self.framer.shrink_if_idle();
+    /// Frees buffers that hold nothing, so idle connections cost little memory. Returns the
+    /// bytes freed.
+    pub fn shrink_if_idle(&mut self) -> usize {
+        self.output.shrink_if_idle() + self.framer.shrink_if_idle()
     }
 
     /// Removes the socket from the poll; the socket closes when the connection is dropped.
     pub fn deregister(&mut self, registry: &Registry) {
         // The socket is about to be closed, which removes it from epoll anyway.
         let _ = registry.deregister(&mut self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_writes_keep_the_rest_in_order() {
+        let mut out = OutputBuffer::default();
+        out.push(b"hello ");
+        out.consume(3);
+        out.push(b"world");
+        assert_eq!(out.pending(), b"lo world");
+        out.consume(out.len());
+        assert_eq!(out.len(), 0);
+    }
+
+    #[test]
+    fn a_burst_buffer_is_freed_when_drained_and_a_small_one_by_the_sweep() {
+        let mut out = OutputBuffer::default();
+        out.push(&vec![b'x'; 2 * KEEP_OUTPUT_CAPACITY]);
+        out.consume(out.len());
+        assert_eq!(
+            out.bytes.capacity(),
+            0,
+            "a drained burst buffer is freed at once"
+        );
+
+        out.push(b"small");
+        assert_eq!(out.shrink_if_idle(), 0, "pending output is never freed");
+        out.consume(5);
+        assert!(out.bytes.capacity() > 0, "small buffers are kept for reuse");
+        assert!(out.shrink_if_idle() > 0);
+        assert_eq!(out.bytes.capacity(), 0);
     }
 }

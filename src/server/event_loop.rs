@@ -15,6 +15,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::broadcast::Room;
 use super::chat;
 use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
+use super::heap;
 use super::inbox::{ClientRef, Inbox, LoopInput};
 use crate::persist::Persister;
 use crate::{error, info, warn};
@@ -30,6 +31,8 @@ const READ_BUDGET: usize = 256 * 1024;
 const EVENTS_CAPACITY: usize = 1024;
 /// How often idle connections give back their buffers.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Freed buffer bytes in one sweep that make returning free heap memory to the OS worthwhile.
+const TRIM_AFTER_FREEING: usize = 256 * 1024;
 /// How long persistence may take to store what was queued at shutdown.
 const PERSIST_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,7 +122,9 @@ impl EventLoop {
             }
         }
         if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
-            self.room.shrink_idle();
+            if self.room.shrink_idle() >= TRIM_AFTER_FREEING {
+                heap::give_back_free_memory();
+            }
             self.last_sweep = Instant::now();
         }
     }

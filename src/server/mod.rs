@@ -8,6 +8,7 @@ mod broadcast;
 mod chat;
 mod connection;
 mod event_loop;
+mod heap;
 pub mod inbox;
 
 use std::net::{SocketAddr, ToSocketAddrs};
