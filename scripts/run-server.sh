@@ -12,13 +12,13 @@ cd "$root"
 needs_db=1
 for arg in "$@"; do
   case "$arg" in
-    --mongo-uri|--mongo-uri=*|--no-persist|-h|--help|-V|--version) needs_db=0 ;;
+    --mongo-uri|--no-persist|-h|--help|-V|--version) needs_db=0 ;;
   esac
 done
 [[ -n "${PEERCHAT_MONGO_URI:-}" ]] && needs_db=0
 
 cargo build --release --quiet --bin peerchat-server
-server="$root/target/release/peerchat-server"
+server="${CARGO_TARGET_DIR:-$root/target}/release/peerchat-server"
 
 log() { echo "$(date -u +%Y-%m-%dT%H:%M:%S.%3NZ) INFO  run-server: $*" >&2; }
 

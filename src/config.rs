@@ -104,7 +104,8 @@ Options:
   --mongo-db NAME          database name [default: peerchat]
   --mongo-collection NAME  collection name [default: messages]
   --mongo-timeout-ms MS    how long a save waits for an unreachable database before the
-                           sender is told it failed [default: 2000]
+                           sender is told it failed; a database that accepts connections
+                           but does not answer is given 3 times this [default: 2000]
   --persist-queue N        messages waiting to be saved before new ones are refused
                            [default: 10000]
   --no-persist             run without a database (nothing is stored)

@@ -9,7 +9,7 @@
 //! cannot store anything twice: the duplicate key error (11000) it gets means "already saved".
 
 use std::net::SocketAddr;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 
 use crate::config::StoreConfig;
 use crate::server::inbox::{ClientRef, LoopInput, LoopSender, SaveFailure};
-use crate::{info, warn};
+use crate::{error, info, warn};
 
 /// Most documents in one `insert_many`: large enough to amortise a round trip, small enough
 /// that one batch stays far below MongoDB's 48 MB message limit at the longest lines.
@@ -122,43 +122,170 @@ impl Persister {
     }
 }
 
-/// The persistence thread: batch, insert, report, until the queue is closed and empty.
+/// The persistence thread: batch, insert (through the watchdog), report, until the queue is
+/// closed and empty.
 fn run(config: StoreConfig, incoming: Receiver<Record>, results: LoopSender) -> PersistStats {
-    let mut store = Store::new(config);
-    store.prepare();
+    let deadline = config.timeout * BATCH_DEADLINE_FACTOR;
+    let mut inserter = match Inserter::start(Store::new(config)) {
+        Ok(inserter) => inserter,
+        Err(err) => {
+            error!("cannot start the database thread: {err}; no message will be stored");
+            return report_all_unsaved(incoming, &results);
+        }
+    };
+    let mut health = Health::default();
     let mut stats = PersistStats::default();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = incoming.recv() {
         batch.push(first);
         batch.extend(incoming.try_iter().take(MAX_BATCH - 1));
-        let failures = store.save(&batch);
+        let documents = batch.iter().map(Record::to_document).collect();
+        let failures = inserter.save(documents, deadline);
+        health.note(batch.len(), &failures);
         stats.failed += failures.len() as u64;
         stats.saved += (batch.len() - failures.len()) as u64;
-        if !failures.is_empty() {
-            let reports = failures
-                .into_iter()
-                .map(|(index, reason)| SaveFailure {
-                    sender: batch[index].sender,
-                    content: std::mem::take(&mut batch[index].content),
-                    reason,
-                })
-                .collect();
-            // If the loop is gone the server is stopping; keep storing what is queued.
-            let _ = results.send(LoopInput::NotSaved(reports));
-        }
+        report(&results, &mut batch, failures);
         batch.clear();
     }
     stats
 }
 
-/// The database side of persistence: a lazily created driver client, and whether the last
-/// attempt worked (so the log says when saving stops and resumes, not once per failed batch).
-/// Used by the persistence thread; public so tests and benches can drive it directly.
+/// Sends the failed messages of `batch` back to the loop for their senders.
+fn report(results: &LoopSender, batch: &mut [Record], failures: Vec<(usize, String)>) {
+    if failures.is_empty() {
+        return;
+    }
+    let reports = failures
+        .into_iter()
+        .map(|(index, reason)| SaveFailure {
+            sender: batch[index].sender,
+            content: std::mem::take(&mut batch[index].content),
+            reason,
+        })
+        .collect();
+    // If the loop is gone the server is stopping; keep storing what is queued.
+    let _ = results.send(LoopInput::NotSaved(reports));
+}
+
+/// Without a database thread nothing can be stored: say so for every message.
+fn report_all_unsaved(incoming: Receiver<Record>, results: &LoopSender) -> PersistStats {
+    let mut stats = PersistStats::default();
+    while let Ok(record) = incoming.recv() {
+        stats.failed += 1;
+        let mut batch = [record];
+        report(
+            results,
+            &mut batch,
+            vec![(0, "storage stopped".to_string())],
+        );
+    }
+    stats
+}
+
+/// A whole batch (server selection, insert, one retry) may take this many `--mongo-timeout-ms`
+/// before it is reported as not saved. The driver cannot time out an operation on a connection
+/// that is open but silent (a hung or stopped database), so the watchdog does.
+const BATCH_DEADLINE_FACTOR: u32 = 3;
+
+/// Why a batch was given up on by the watchdog.
+const NOT_RESPONDING: &str = "database not responding";
+
+/// Runs the blocking driver calls on a thread of their own, so the persistence thread can stop
+/// waiting for a database that does not answer. At most one batch is in the driver at a time: a
+/// new batch waits (bounded) for a late one, and fails at once if it is still stuck.
+struct Inserter {
+    jobs: SyncSender<Vec<Document>>,
+    done: Receiver<Vec<(usize, String)>>,
+    /// A batch (or the start-up index creation) is still in the driver.
+    busy: bool,
+}
+
+impl Inserter {
+    fn start(mut store: Store) -> std::io::Result<Inserter> {
+        let (jobs, job_rx) = mpsc::sync_channel::<Vec<Document>>(1);
+        let (done_tx, done) = mpsc::sync_channel(1);
+        thread::Builder::new()
+            .name("peerchat-db".to_string())
+            .spawn(move || {
+                store.prepare();
+                if done_tx.send(Vec::new()).is_err() {
+                    return;
+                }
+                for documents in job_rx {
+                    if done_tx.send(store.save(&documents)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Inserter {
+            jobs,
+            done,
+            busy: true, // until start-up (connect, index) reports
+        })
+    }
+
+    /// Stores `documents`, or gives up after `deadline`. Returns the failed indexes and reasons.
+    fn save(&mut self, documents: Vec<Document>, deadline: Duration) -> Vec<(usize, String)> {
+        let count = documents.len();
+        if self.busy && self.wait(deadline).is_none() {
+            return all_failed(count, NOT_RESPONDING);
+        }
+        if self.jobs.send(documents).is_err() {
+            return all_failed(count, "storage stopped");
+        }
+        self.busy = true;
+        self.wait(deadline)
+            .unwrap_or_else(|| all_failed(count, NOT_RESPONDING))
+    }
+
+    /// The result of the batch in the driver, if it comes within `deadline`.
+    fn wait(&mut self, deadline: Duration) -> Option<Vec<(usize, String)>> {
+        match self.done.recv_timeout(deadline) {
+            Ok(result) => {
+                self.busy = false;
+                Some(result)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+}
+
+fn all_failed(count: usize, reason: &str) -> Vec<(usize, String)> {
+    (0..count)
+        .map(|index| (index, reason.to_string()))
+        .collect()
+}
+
+/// Logs when saving starts failing and when it works again, not once per failed batch.
+#[derive(Default)]
+struct Health {
+    failing: bool,
+}
+
+impl Health {
+    fn note(&mut self, batch_len: usize, failures: &[(usize, String)]) {
+        let worked = failures.len() < batch_len;
+        if worked && self.failing {
+            info!("MongoDB is back: saving resumed");
+        } else if !worked && !self.failing {
+            let reason = failures
+                .first()
+                .map(|(_, reason)| reason.as_str())
+                .unwrap_or("");
+            warn!("saving to MongoDB failed ({reason}); senders are told, will keep trying");
+        }
+        self.failing = !worked;
+    }
+}
+
+/// The database side of persistence: a lazily created driver client and the `timestamp`
+/// index. Its calls block for as long as the driver does; the persistence thread runs them
+/// behind a watchdog. Public so tests and benches can drive it directly.
 pub struct Store {
     config: StoreConfig,
     collection: Option<Collection<Document>>,
-    index_ready: bool,
-    healthy: bool,
+    /// The index exists, or could not be made for a reason retrying will not fix.
+    index_settled: bool,
 }
 
 impl Store {
@@ -167,50 +294,44 @@ impl Store {
         Store {
             config,
             collection: None,
-            index_ready: false,
-            healthy: true,
+            index_settled: false,
         }
     }
 
-    /// Connects and creates the `timestamp` index, logging one warning if the database is not
-    /// there; saving then keeps trying with each batch.
+    /// Connects and creates the `timestamp` index, logging one line either way. An unreachable
+    /// database is a warning, not an error: saving keeps trying with each batch.
     pub fn prepare(&mut self) {
-        match self.ensure_index() {
-            Ok(()) => info!(
-                "storing messages in {}.{} at {}",
-                self.config.database,
-                self.config.collection,
-                redact_uri(&self.config.uri)
+        let target = format!(
+            "{}.{} at {}",
+            self.config.database,
+            self.config.collection,
+            redact_uri(&self.config.uri)
+        );
+        match self.settle_index() {
+            Ok(()) => info!("storing messages in {target}"),
+            Err(err) => warn!(
+                "MongoDB for {target} is not available ({}); chat runs, messages are reported unsaved until it is",
+                describe(&err)
             ),
-            Err(err) => {
-                self.healthy = false;
-                warn!(
-                    "MongoDB at {} is not available ({}); chat runs, messages are reported unsaved until it is",
-                    redact_uri(&self.config.uri),
-                    describe(&err)
-                );
-            }
         }
     }
 
-    /// Stores a batch. Returns the index of each message that could not be stored, with the
+    /// Stores a batch. Returns the index of each document that could not be stored, with the
     /// reason to give its sender.
-    pub fn save(&mut self, batch: &[Record]) -> Vec<(usize, String)> {
-        let documents: Vec<Document> = batch.iter().map(Record::to_document).collect();
-        let mut result = self.insert(&documents);
+    pub fn save(&mut self, documents: &[Document]) -> Vec<(usize, String)> {
+        let mut result = self.insert(documents);
         if let Err(err) = &result {
             if is_transient(err) {
                 // Same `_id`s: anything the first attempt stored comes back as a duplicate.
-                result = self.insert(&documents);
+                result = self.insert(documents);
             }
         }
         let failures = match result {
             Ok(()) => Vec::new(),
-            Err(err) => failed_indexes(&err, batch.len()),
+            Err(err) => failed_indexes(&err, documents.len()),
         };
-        self.note_health(failures.len() < batch.len() || batch.is_empty(), &failures);
-        if failures.is_empty() && !self.index_ready {
-            let _ = self.ensure_index();
+        if failures.is_empty() && !self.index_settled {
+            let _ = self.settle_index();
         }
         failures
     }
@@ -239,26 +360,37 @@ impl Store {
             .expect("collection was just created"))
     }
 
-    fn ensure_index(&mut self) -> Result<(), DbError> {
+    /// Creates the `timestamp` index. Returns an error only when the database could not be
+    /// reached (try again later); any other failure is logged once and not retried.
+    fn settle_index(&mut self) -> Result<(), DbError> {
         let index = IndexModel::builder().keys(doc! { "timestamp": 1 }).build();
-        self.collection()?.create_index(index).run()?;
-        self.index_ready = true;
+        let result = self
+            .collection()
+            .and_then(|collection| collection.create_index(index).run().map(drop));
+        match result {
+            Ok(()) => self.index_settled = true,
+            Err(err) if is_connectivity(&err) => return Err(err),
+            Err(err) => {
+                self.index_settled = true;
+                warn!(
+                    "could not create the timestamp index ({}); messages are still stored",
+                    describe(&err)
+                );
+            }
+        }
         Ok(())
     }
+}
 
-    /// Logs the moment saving starts failing and the moment it works again.
-    fn note_health(&mut self, worked: bool, failures: &[(usize, String)]) {
-        if worked && !self.healthy {
-            info!("MongoDB is back: saving resumed");
-        } else if !worked && self.healthy {
-            let reason = failures
-                .first()
-                .map(|(_, reason)| reason.as_str())
-                .unwrap_or("");
-            warn!("saving to MongoDB failed ({reason}); senders are told, will keep trying");
-        }
-        self.healthy = worked;
-    }
+/// The database could not be reached at all (as opposed to refusing the operation).
+fn is_connectivity(err: &DbError) -> bool {
+    matches!(
+        *err.kind,
+        ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. }
+    )
 }
 
 /// Errors worth one immediate retry: the connection broke, or the server says so.

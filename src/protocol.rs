@@ -34,7 +34,7 @@ pub enum Command<'a> {
     /// A known command used wrongly; the text is the usage line.
     Usage(&'static str),
     /// A `/word` that is no command.
-    Unknown(&'a str),
+    Unknown,
 }
 
 /// Reads one line (already sanitised) as a command.
@@ -58,7 +58,7 @@ pub fn parse(line: &str) -> Command<'_> {
         "who" => Command::Who,
         "help" => Command::Help,
         "quit" => Command::Quit,
-        _ => Command::Unknown(word),
+        _ => Command::Unknown,
     }
 }
 
@@ -169,10 +169,8 @@ pub fn line_too_long(max_line: usize) -> String {
     format!("line too long (max {max_line} bytes)")
 }
 
-/// Error for a `/word` that is no command.
-pub fn unknown_command(word: &str) -> String {
-    format!("unknown command /{word} (try /help)")
-}
+/// Error for a `/word` that is no command (the welcome line already points to `/help`).
+pub const UNKNOWN_COMMAND: &str = "unknown command";
 
 /// Error for a nick that is not allowed.
 pub fn invalid_nick() -> String {
@@ -212,7 +210,7 @@ mod tests {
         assert_eq!(parse("/who"), Command::Who);
         assert_eq!(parse("/help"), Command::Help);
         assert_eq!(parse("/quit"), Command::Quit);
-        assert_eq!(parse("/dance now"), Command::Unknown("dance"));
+        assert_eq!(parse("/dance now"), Command::Unknown);
         assert_eq!(parse(""), Command::Empty);
         assert_eq!(parse(" \t "), Command::Empty);
     }

@@ -187,7 +187,8 @@ impl Room {
         closed
     }
 
-    /// Frees the buffers of connections with nothing pending. Returns the bytes freed.
+    /// Frees the buffers of connections that were quiet since the last sweep. Returns the bytes
+    /// freed.
     pub fn shrink_idle(&mut self) -> usize {
         let mut freed = 0;
         for conn in self.slots.iter_mut().flatten() {

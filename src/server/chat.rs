@@ -48,7 +48,7 @@ pub fn line(room: &mut Room, persister: Option<&Persister>, slot: usize, bytes: 
         }
         Command::Empty => {}
         Command::Usage(usage) => room.error(slot, usage),
-        Command::Unknown(word) => room.error(slot, &protocol::unknown_command(word)),
+        Command::Unknown => room.error(slot, protocol::UNKNOWN_COMMAND),
     }
 }
 

@@ -192,6 +192,8 @@ pub struct Connection {
     wants_writable: bool,
     /// Already on the loop's list of connections to flush this turn.
     pub flush_scheduled: bool,
+    /// Sent or received something since the last idle sweep: keep its buffers for reuse.
+    active_since_sweep: bool,
 }
 
 impl Connection {
@@ -218,6 +220,7 @@ impl Connection {
             closing: None,
             wants_writable: false,
             flush_scheduled: false,
+            active_since_sweep: false,
         })
     }
 
@@ -250,6 +253,7 @@ impl Connection {
         batch: &mut InputBatch,
     ) -> ReadOutcome {
         let mut total = 0;
+        self.active_since_sweep = true;
         while total < budget {
             match self.socket.read(scratch) {
                 Ok(0) => return ReadOutcome::Closed(CloseReason::PeerClosed),
@@ -279,6 +283,7 @@ impl Connection {
             return false;
         }
         self.output.push(data);
+        self.active_since_sweep = true;
         true
     }
 
@@ -319,9 +324,13 @@ impl Connection {
         Ok(())
     }
 
-    /// Frees buffers that hold nothing, so idle connections cost little memory. Returns the
+    /// Frees the buffers of a connection that has been quiet for a whole sweep interval, so
+    /// idle connections cost little memory while busy ones keep reusing theirs. Returns the
     /// bytes freed.
     pub fn shrink_if_idle(&mut self) -> usize {
+        if std::mem::take(&mut self.active_since_sweep) {
+            return 0;
+        }
         self.output.shrink_if_idle() + self.framer.shrink_if_idle()
     }
 

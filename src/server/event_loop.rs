@@ -99,10 +99,11 @@ impl EventLoop {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
-                    WAKER => self.drain_inbox(),
+                    WAKER => {} // drained below, every turn
                     token => self.client_ready(token, event.is_writable()),
                 }
             }
+            self.drain_inbox();
             self.read_again_pending();
             self.end_turn();
         }

@@ -53,7 +53,8 @@ impl LoopSender {
     /// Sends `input` and wakes the loop. Blocks while the inbox is full.
     pub fn send(&self, input: LoopInput) -> Result<(), LoopGone> {
         self.tx.send(input).map_err(|_| LoopGone)?;
-        // The input is queued; if the wake fails the loop still finds it on its next turn.
+        // A wake only fails if the eventfd cannot be written, which cannot happen while the
+        // poll exists; the loop also drains the inbox at the end of every turn.
         let _ = self.waker.wake();
         Ok(())
     }

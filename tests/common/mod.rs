@@ -256,6 +256,26 @@ impl TestDb {
         }
     }
 
+    /// Freezes the database process (SIGSTOP): connections stay open but nothing answers, like
+    /// a hung server.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen database run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.process.as_ref().expect("an owned, running database");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts (or starts again) the owned database on its port and waits until it answers.
     pub fn restart(&mut self) {
         assert!(self.owned && self.process.is_none());
