@@ -191,13 +191,16 @@ const BATCH_DEADLINE_FACTOR: u32 = 3;
 const NOT_RESPONDING: &str = "database not responding";
 
 /// Runs the blocking driver calls on a thread of their own, so the persistence thread can stop
-/// waiting for a database that does not answer. At most one batch is in the driver at a time: a
-/// new batch waits (bounded) for a late one, and fails at once if it is still stuck.
+/// waiting for a database that does not answer. At most one batch is in the driver at a time;
+/// once one has overrun its deadline, later batches fail at once until it comes back, so
+/// senders hear promptly and the queue does not pile up behind a hung database.
 struct Inserter {
     jobs: SyncSender<Vec<Document>>,
     done: Receiver<Vec<(usize, String)>>,
     /// A batch (or the start-up index creation) is still in the driver.
     busy: bool,
+    /// The batch in the driver overran its deadline.
+    stuck: bool,
 }
 
 impl Inserter {
@@ -221,13 +224,15 @@ impl Inserter {
             jobs,
             done,
             busy: true, // until start-up (connect, index) reports
+            stuck: false,
         })
     }
 
     /// Stores `documents`, or gives up after `deadline`. Returns the failed indexes and reasons.
     fn save(&mut self, documents: Vec<Document>, deadline: Duration) -> Vec<(usize, String)> {
         let count = documents.len();
-        if self.busy && self.wait(deadline).is_none() {
+        let wait_for_previous = if self.stuck { Duration::ZERO } else { deadline };
+        if self.busy && self.wait(wait_for_previous).is_none() {
             return all_failed(count, NOT_RESPONDING);
         }
         if self.jobs.send(documents).is_err() {
@@ -243,9 +248,13 @@ impl Inserter {
         match self.done.recv_timeout(deadline) {
             Ok(result) => {
                 self.busy = false;
+                self.stuck = false;
                 Some(result)
             }
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                self.stuck = true;
+                None
+            }
         }
     }
 }

@@ -3,13 +3,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, start_chat_only, Chat, DEADLINE};
+use common::{free_port, start_chat_only, Chat, TestDb, DEADLINE};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_peerchat-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
@@ -227,4 +227,97 @@ fn client_fails_when_the_server_goes_away() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("closed the connection"), "{stderr}");
+}
+
+/// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
+/// address.
+fn spawn_server(shell_prefix: &str, flags: &str) -> (Child, SocketAddr) {
+    let command = format!("{shell_prefix} exec '{SERVER}' --port 0 {flags}");
+    let mut server = Command::new("sh")
+        .args(["-c", &command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let addr = listening_address(&mut server);
+    (server, addr)
+}
+
+/// Reads a welcome line within `wait`, if one comes.
+fn welcomed(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut first = [0u8; 9];
+    stream.read_exact(&mut first).is_ok() && &first == b"* welcome"
+}
+
+/// Out of file descriptors, the server stops accepting; clients waiting in the backlog must be
+/// let in once descriptors are free again, without a further connection to prompt it.
+#[test]
+fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
+    let (mut server, addr) = spawn_server("ulimit -n 16 &&", "--no-persist");
+    let mut clients: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(addr).expect("connect (the kernel queues it)"))
+        .collect();
+    let mut waiting = Vec::new();
+    let mut admitted = Vec::new();
+    for mut client in clients.drain(..) {
+        if welcomed(&mut client, Duration::from_millis(300)) {
+            admitted.push(client);
+        } else {
+            waiting.push(client);
+        }
+    }
+    assert!(
+        !admitted.is_empty() && !waiting.is_empty(),
+        "the limit must bite"
+    );
+    // Closing the admitted clients frees as many descriptors; the backlog is first in, first
+    // out, so that many of the waiting clients, oldest first, must now get in.
+    let freed = admitted.len().min(waiting.len());
+    drop(admitted);
+    for (n, client) in waiting.iter_mut().take(freed).enumerate() {
+        assert!(
+            welcomed(client, DEADLINE),
+            "waiting client {n} of {freed} was never accepted"
+        );
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// SIGTERM right after a burst: clients are told, every accepted message is stored, exit 0.
+#[test]
+fn sigterm_stores_every_accepted_message_and_exits_0() {
+    let db = TestDb::start();
+    let flags = format!("--mongo-uri '{}' --mongo-db '{}'", db.uri, db.database);
+    let (mut server, addr) = spawn_server("", &flags);
+    let mut alice = Chat::named(addr, "alice");
+    let mut bob = Chat::named(addr, "bob");
+    alice.sync();
+    let mut burst = Vec::new();
+    for n in 0..500 {
+        burst.extend_from_slice(format!("burst message {n}\n").as_bytes());
+    }
+    alice.send_bytes(&burst);
+    assert_eq!(
+        bob.wait_for(|line| line.ends_with("burst message 499")),
+        "<alice> burst message 499"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(bob
+        .read_to_end()
+        .contains(&"* server shutting down".to_string()));
+    let exit = run_bounded(server);
+    assert_eq!(exit.status.code(), Some(0), "clean exit");
+    let stored = db.stored();
+    assert_eq!(
+        stored.len(),
+        500,
+        "every accepted message stored before exit"
+    );
 }

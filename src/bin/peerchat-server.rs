@@ -23,7 +23,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match Server::bind(config).and_then(Server::run) {
+    let started = Server::bind(config).and_then(|server| {
+        server.handle().shutdown_on_signals()?;
+        server.run()
+    });
+    match started {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err}");

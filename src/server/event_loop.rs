@@ -29,6 +29,10 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_BUDGET: usize = 256 * 1024;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
+/// How soon to try accepting again after an accept error such as running out of descriptors.
+/// The listener is edge-triggered: connections already waiting would otherwise sit in the
+/// backlog until yet another one arrives.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often idle connections give back their buffers.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Freed buffer bytes in one sweep that make returning free heap memory to the OS worthwhile.
@@ -50,6 +54,8 @@ pub struct EventLoop {
     read_again: Vec<ClientRef>,
     flush_list: Vec<usize>,
     last_sweep: Instant,
+    /// The last accept failed (e.g. EMFILE); retry every turn and at least every ACCEPT_RETRY.
+    accept_failing: bool,
     running: bool,
 }
 
@@ -77,6 +83,7 @@ impl EventLoop {
             read_again: Vec::new(),
             flush_list: Vec::new(),
             last_sweep: Instant::now(),
+            accept_failing: false,
             running: true,
         })
     }
@@ -85,10 +92,12 @@ impl EventLoop {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while self.running {
-            let timeout = if self.read_again.is_empty() {
-                SWEEP_INTERVAL
-            } else {
+            let timeout = if !self.read_again.is_empty() {
                 Duration::ZERO
+            } else if self.accept_failing {
+                ACCEPT_RETRY
+            } else {
+                SWEEP_INTERVAL
             };
             if let Err(err) = self.poll.poll(&mut events, Some(timeout)) {
                 if err.kind() == ErrorKind::Interrupted {
@@ -106,6 +115,9 @@ impl EventLoop {
             self.drain_inbox();
             self.read_again_pending();
             self.end_turn();
+            if self.accept_failing {
+                self.accept_all(); // closed connections may have freed descriptors
+            }
         }
         self.shut_down();
         Ok(())
@@ -140,11 +152,20 @@ impl EventLoop {
                     }
                     Err(err) => warn!("could not set up client {addr}: {err}"),
                 },
-                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    if std::mem::take(&mut self.accept_failing) {
+                        info!("accepting connections again");
+                    }
+                    return;
+                }
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 Err(err) => {
-                    // E.g. out of file descriptors: try again on the next readiness event.
-                    error!("accept failed: {err}");
+                    // E.g. out of file descriptors. Waiting clients stay in the backlog; retry
+                    // soon, logging once rather than on every retry.
+                    if !self.accept_failing {
+                        error!("accept failed: {err}; retrying every {ACCEPT_RETRY:?}");
+                        self.accept_failing = true;
+                    }
                     return;
                 }
             }

@@ -16,11 +16,13 @@ use std::thread::{self, JoinHandle};
 
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::config::ServerConfig;
 use crate::error::Error;
-use crate::info;
 use crate::persist::{redact_uri, Persister};
+use crate::{info, warn};
 use event_loop::{EventLoop, WAKER};
 use inbox::{Inbox, LoopInput, LoopSender};
 
@@ -42,6 +44,36 @@ impl ServerHandle {
     /// Does nothing if it has already stopped.
     pub fn shutdown(&self) {
         let _ = self.sender.send(LoopInput::Shutdown);
+    }
+
+    /// Shuts the server down cleanly on the first SIGINT or SIGTERM; a second one exits at
+    /// once. A small thread waits for signals and asks the loop through its inbox, the same
+    /// way every other outside input arrives.
+    pub fn shutdown_on_signals(&self) -> std::io::Result<()> {
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        let handle = self.clone();
+        thread::Builder::new()
+            .name("peerchat-signals".to_string())
+            .spawn(move || {
+                let mut received = signals.forever();
+                if let Some(signal) = received.next() {
+                    info!("{}: shutting down", signal_name(signal));
+                    handle.shutdown();
+                }
+                if let Some(signal) = received.next() {
+                    warn!("{} again: exiting without waiting", signal_name(signal));
+                    std::process::exit(128 + signal);
+                }
+            })?;
+        Ok(())
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        _ => "signal",
     }
 }
 
