@@ -291,7 +291,7 @@ fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
 fn sigterm_stores_every_accepted_message_and_exits_0() {
     let db = TestDb::start();
     let flags = format!("--mongo-uri '{}' --mongo-db '{}'", db.uri, db.database);
-    let (mut server, addr) = spawn_server("", &flags);
+    let (server, addr) = spawn_server("", &flags);
     let mut alice = Chat::named(addr, "alice");
     let mut bob = Chat::named(addr, "bob");
     alice.sync();
