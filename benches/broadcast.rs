@@ -354,31 +354,17 @@ fn receive(
     let mut receivers: Vec<Receiver> = sockets
         .into_iter()
         .enumerate()
-        .map(|(i, socket)| {
-            socket.set_nonblocking(true).unwrap();
-            let mut socket = TcpStream::from_std(socket);
-            poll.registry()
-                .register(&mut socket, Token(i), Interest::READABLE)
-                .unwrap();
-            Receiver {
-                socket,
-                buffer: Vec::with_capacity(64 * 1024),
-                next_seq: vec![0; senders],
-            }
+        .map(|(i, socket)| Receiver {
+            socket: register(&poll, socket, i),
+            buffer: Vec::with_capacity(64 * 1024),
+            next_seq: vec![0; senders],
         })
         .collect();
     let receiver_count = receivers.len();
     let mut discarded: Vec<TcpStream> = sender_inputs
         .into_iter()
         .enumerate()
-        .map(|(i, socket)| {
-            socket.set_nonblocking(true).unwrap();
-            let mut socket = TcpStream::from_std(socket);
-            poll.registry()
-                .register(&mut socket, Token(receiver_count + i), Interest::READABLE)
-                .unwrap();
-            socket
-        })
+        .map(|(i, socket)| register(&poll, socket, receiver_count + i))
         .collect();
     let mut histogram = vec![0u64; LATENCY_BUCKETS + 1];
     let mut out_of_order = 0;
@@ -438,6 +424,16 @@ fn receive(
         }
     }
     (histogram, out_of_order)
+}
+
+/// Makes `socket` nonblocking and registers it for reading under `token`.
+fn register(poll: &Poll, socket: StdStream, token: usize) -> TcpStream {
+    socket.set_nonblocking(true).unwrap();
+    let mut socket = TcpStream::from_std(socket);
+    poll.registry()
+        .register(&mut socket, Token(token), Interest::READABLE)
+        .unwrap();
+    socket
 }
 
 fn drain(socket: &mut TcpStream, chunk: &mut [u8]) {

@@ -150,6 +150,30 @@ impl fmt::Display for ArgError {
 
 impl std::error::Error for ArgError {}
 
+/// Turns a parse result into a config to run with, or the exit code after printing help,
+/// the version, or a one-line error (status 2) for the binary called `program`.
+pub fn config_or_exit<T>(
+    program: &str,
+    help: &str,
+    parsed: Result<Parsed<T>, ArgError>,
+) -> Result<T, std::process::ExitCode> {
+    match parsed {
+        Ok(Parsed::Run(config)) => Ok(config),
+        Ok(Parsed::Help) => {
+            print!("{help}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Ok(Parsed::Version) => {
+            println!("{program} {}", env!("CARGO_PKG_VERSION"));
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            eprintln!("{program}: error: {err}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
 /// Parses the server's flags. `env_uri` is the value of `PEERCHAT_MONGO_URI`, if set.
 pub fn parse_server_args(
     args: Vec<OsString>,

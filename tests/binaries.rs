@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, start_chat_only, Chat, TestDb, DEADLINE};
+use common::{alice_and_bob, free_port, start_chat_only, Chat, TestDb, DEADLINE};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_peerchat-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
@@ -89,17 +89,8 @@ fn bad_flags_exit_2_naming_the_flag() {
 /// The server binary on port 0: its log names the address, and it serves chat.
 #[test]
 fn server_binary_logs_its_address_and_serves() {
-    let mut server = Command::new(SERVER)
-        .args(["--port", "0", "--no-persist"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start server");
-    let addr = listening_address(&mut server);
-    let mut alice = Chat::named(addr, "alice");
-    let mut bob = Chat::named(addr, "bob");
-    alice.sync();
+    let (mut server, addr) = spawn_server("", "--no-persist");
+    let (mut alice, mut bob) = alice_and_bob(addr);
     alice.send("via the binary");
     assert_eq!(bob.line(), "<alice> via the binary");
     server.kill().unwrap();
@@ -136,13 +127,7 @@ fn listening_address(server: &mut Child) -> SocketAddr {
 fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
     let server = start_chat_only();
     let mut watcher = Chat::named(server.addr, "watcher");
-    let mut client = Command::new(CLIENT)
-        .args(["--port", &server.addr.port().to_string(), "--nick", "piper"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client");
+    let mut client = spawn_client(server.addr, &["--nick", "piper"]);
     let mut stdin = client.stdin.take().unwrap();
     stdin
         .write_all(b"first line from a file\nsecond line\r\n/who\n")
@@ -181,13 +166,7 @@ fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
 #[test]
 fn client_quit_exits_0() {
     let server = start_chat_only();
-    let mut client = Command::new(CLIENT)
-        .args(["--port", &server.addr.port().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client");
+    let mut client = spawn_client(server.addr, &[]);
     // /quit with stdin still open: the client must exit on the server's close alone.
     let mut stdin = client.stdin.take().unwrap();
     stdin.write_all(b"/quit\n").unwrap();
@@ -212,13 +191,7 @@ fn client_fails_when_no_server_listens() {
 #[test]
 fn client_fails_when_the_server_goes_away() {
     let server = start_chat_only();
-    let mut client = Command::new(CLIENT)
-        .args(["--port", &server.addr.port().to_string()])
-        .stdin(Stdio::piped()) // kept open: the user is still typing
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client");
+    let mut client = spawn_client(server.addr, &[]); // stdin stays open: still typing
     let mut stdout = client.stdout.take().unwrap();
     let mut first = [0u8; 9];
     stdout.read_exact(&mut first).unwrap(); // "* welcome"
@@ -227,6 +200,18 @@ fn client_fails_when_the_server_goes_away() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("closed the connection"), "{stderr}");
+}
+
+/// Starts the client binary against `addr` with piped standard streams.
+fn spawn_client(addr: SocketAddr, flags: &[&str]) -> Child {
+    Command::new(CLIENT)
+        .args(["--port", &addr.port().to_string()])
+        .args(flags)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client")
 }
 
 /// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
@@ -292,9 +277,7 @@ fn sigterm_stores_every_accepted_message_and_exits_0() {
     let db = TestDb::start();
     let flags = format!("--mongo-uri '{}' --mongo-db '{}'", db.uri, db.database);
     let (server, addr) = spawn_server("", &flags);
-    let mut alice = Chat::named(addr, "alice");
-    let mut bob = Chat::named(addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(addr);
     let mut burst = Vec::new();
     for n in 0..500 {
         burst.extend_from_slice(format!("burst message {n}\n").as_bytes());

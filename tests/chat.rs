@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::thread;
 use std::time::Duration;
 
-use common::{start_chat_only, start_server, Chat};
+use common::{alice_and_bob, start_chat_only, start_server, Chat};
 use peerchat::ServerConfig;
 
 #[test]
@@ -98,9 +98,7 @@ fn nick_rules() {
 #[test]
 fn commands_help_unknown_slash_escape_and_empty_lines() {
     let server = start_chat_only();
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
 
     alice.send("/help");
     let help: Vec<String> = (0..6).map(|_| alice.line()).collect();
@@ -128,9 +126,7 @@ fn overlong_line_is_refused_and_the_connection_keeps_working() {
     let mut config = ServerConfig::local(None);
     config.max_line = 100;
     let server = start_server(config);
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
 
     alice.send(&"x".repeat(101));
     assert_eq!(alice.line(), "! line too long (max 100 bytes)");
@@ -152,9 +148,7 @@ fn overlong_line_is_refused_and_the_connection_keeps_working() {
 #[test]
 fn control_bytes_and_invalid_utf8_do_not_reach_other_terminals() {
     let server = start_chat_only();
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
     alice.send_bytes(b"\x1b[2Jhi\x07 \xff there\n");
     assert_eq!(bob.line(), "<alice> [2Jhi \u{fffd} there");
 }

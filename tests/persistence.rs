@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
-use common::{start_server, Chat, TestDb};
+use common::{alice_and_bob, start_server, Chat, TestDb};
 use peerchat::persist::{Record, Store};
 use peerchat::server::inbox::ClientRef;
 use peerchat::ServerConfig;
@@ -91,9 +91,7 @@ fn a_timestamp_index_is_created_at_start() {
 fn a_refused_insert_is_reported_to_the_sender_only() {
     let db = TestDb::start_own();
     let server = start_server(ServerConfig::local(Some(db.store_config())));
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
     db.fail_inserts(Some(2));
 
     let long = "this message is refused by the database and it is rather long";
@@ -149,9 +147,7 @@ fn a_failure_report_never_reaches_a_later_client_in_the_same_slot() {
 fn chat_goes_on_while_the_database_is_down_and_saving_resumes_after() {
     let mut db = TestDb::start_own();
     let server = start_server(ServerConfig::local(Some(db.store_config())));
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
     alice.send("before the outage");
     assert_eq!(bob.line(), "<alice> before the outage");
     db.wait_for_stored(1);
@@ -206,9 +202,7 @@ fn chat_goes_on_while_the_database_is_down_and_saving_resumes_after() {
 fn a_hung_database_is_reported_and_saving_resumes_when_it_answers_again() {
     let db = TestDb::start_own();
     let server = start_server(ServerConfig::local(Some(db.store_config())));
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
     alice.send("while it answers");
     db.wait_for_stored(1);
 
@@ -255,9 +249,7 @@ fn a_hung_database_is_reported_and_saving_resumes_when_it_answers_again() {
 fn the_server_starts_without_a_database_and_saves_once_it_appears() {
     let mut db = TestDb::reserve_own();
     let server = start_server(ServerConfig::local(Some(db.store_config())));
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
     alice.send("nobody stores this");
     assert_eq!(bob.line(), "<alice> nobody stores this");
     let error = alice.wait_for(|line| line.starts_with("! not saved"));
@@ -283,9 +275,7 @@ fn a_full_queue_fails_messages_at_once_and_each_gets_one_report() {
     let mut store = db.store_config();
     store.queue_capacity = 1;
     let server = start_server(ServerConfig::local(Some(store)));
-    let mut alice = Chat::named(server.addr, "alice");
-    let mut bob = Chat::named(server.addr, "bob");
-    alice.sync();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
     for n in 0..4 {
         alice.send(&format!("queued {n}"));
     }

@@ -3,24 +3,13 @@
 use std::process::ExitCode;
 
 use peerchat::client;
-use peerchat::config::{self, Parsed};
+use peerchat::config::{self, config_or_exit};
 
 fn main() -> ExitCode {
-    let args = std::env::args_os().skip(1).collect();
-    let config = match config::parse_client_args(args) {
-        Ok(Parsed::Run(config)) => config,
-        Ok(Parsed::Help) => {
-            print!("{}", config::CLIENT_HELP);
-            return ExitCode::SUCCESS;
-        }
-        Ok(Parsed::Version) => {
-            println!("peerchat-client {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("peerchat-client: error: {err}");
-            return ExitCode::from(2);
-        }
+    let parsed = config::parse_client_args(std::env::args_os().skip(1).collect());
+    let config = match config_or_exit("peerchat-client", config::CLIENT_HELP, parsed) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     match client::run(&config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,32 +2,22 @@
 
 use std::process::ExitCode;
 
-use peerchat::config::{self, Parsed};
+use peerchat::config::{self, config_or_exit};
 use peerchat::{error, Server};
 
 fn main() -> ExitCode {
     let args = std::env::args_os().skip(1).collect();
     let env_uri = std::env::var(config::MONGO_URI_ENV).ok();
-    let config = match config::parse_server_args(args, env_uri) {
-        Ok(Parsed::Run(config)) => config,
-        Ok(Parsed::Help) => {
-            print!("{}", config::SERVER_HELP);
-            return ExitCode::SUCCESS;
-        }
-        Ok(Parsed::Version) => {
-            println!("peerchat-server {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("peerchat-server: error: {err}");
-            return ExitCode::from(2);
-        }
+    let parsed = config::parse_server_args(args, env_uri);
+    let config = match config_or_exit("peerchat-server", config::SERVER_HELP, parsed) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
-    let started = Server::bind(config).and_then(|server| {
+    let served = Server::bind(config).and_then(|server| {
         server.handle().shutdown_on_signals()?;
         server.run()
     });
-    match started {
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err}");

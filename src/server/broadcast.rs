@@ -216,53 +216,27 @@ impl Room {
 
     /// Copies the encoded line to every open connection except `except`.
     fn fan_out(&mut self, except: Option<usize>) {
-        for (slot, entry) in self.slots.iter_mut().enumerate() {
-            let Some(conn) = entry else { continue };
-            if Some(slot) == except || conn.closing().is_some() {
-                continue;
+        for slot in 0..self.slots.len() {
+            if Some(slot) != except {
+                self.deliver(slot);
             }
-            Self::queue_to(
-                conn,
-                slot,
-                &self.line,
-                self.max_output,
-                &mut self.to_flush,
-                &mut self.to_reap,
-            );
         }
     }
 
+    /// Queues the encoded line to one open connection and files it for flushing, or for
+    /// reaping when this line takes it over the output limit.
     fn deliver(&mut self, slot: usize) {
-        if let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) {
-            Self::queue_to(
-                conn,
-                slot,
-                &self.line,
-                self.max_output,
-                &mut self.to_flush,
-                &mut self.to_reap,
-            );
+        let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if conn.closing().is_some() {
+            return;
         }
-    }
-
-    /// Queues `line` to one connection and files it for flushing, or for reaping when it has
-    /// just crossed the output limit.
-    fn queue_to(
-        conn: &mut Connection,
-        slot: usize,
-        line: &[u8],
-        max_output: usize,
-        to_flush: &mut Vec<usize>,
-        to_reap: &mut Vec<usize>,
-    ) {
-        let was_open = conn.closing().is_none();
-        if conn.queue(line, max_output) {
-            if !conn.flush_scheduled {
-                conn.flush_scheduled = true;
-                to_flush.push(slot);
-            }
-        } else if was_open && conn.closing().is_some() {
-            to_reap.push(slot);
+        if !conn.queue(&self.line, self.max_output) {
+            self.to_reap.push(slot);
+        } else if !conn.flush_scheduled {
+            conn.flush_scheduled = true;
+            self.to_flush.push(slot);
         }
     }
 }

@@ -176,6 +176,15 @@ impl Chat {
     }
 }
 
+/// Two clients named alice and bob, connected in that order, with every join and rename
+/// notice already read.
+pub fn alice_and_bob(addr: SocketAddr) -> (Chat, Chat) {
+    let mut alice = Chat::named(addr, "alice");
+    let bob = Chat::named(addr, "bob");
+    alice.sync();
+    (alice, bob)
+}
+
 // ---------------------------------------------------------------------------------------------
 // MongoDB-wire test server
 
