@@ -106,12 +106,15 @@ impl Persister {
         })
     }
 
-    /// Closes the queue and waits up to `timeout` for what is queued to be stored. Returns the
-    /// thread's counts, or `None` if it was still busy when the time ran out.
-    pub fn finish(self, timeout: Duration) -> Option<PersistStats> {
+    /// Closes the queue and waits up to `timeout` for what is queued to be stored, calling
+    /// `meanwhile` every few milliseconds (the loop drains its inbox there, so the thread never
+    /// waits on a full inbox nobody reads). Returns the thread's counts, or `None` if it was
+    /// still busy when the time ran out.
+    pub fn finish(self, timeout: Duration, mut meanwhile: impl FnMut()) -> Option<PersistStats> {
         drop(self.queue);
         let deadline = Instant::now() + timeout;
         while !self.thread.is_finished() && Instant::now() < deadline {
+            meanwhile();
             thread::sleep(Duration::from_millis(10));
         }
         if self.thread.is_finished() {

@@ -314,7 +314,10 @@ impl EventLoop {
             conn.deregister(self.poll.registry());
         }
         if let Some(persister) = self.persister.take() {
-            match persister.finish(PERSIST_DRAIN_TIMEOUT) {
+            // Clients are gone: late failure reports have no one to go to.
+            let inbox = &self.inbox;
+            let discard_reports = || while inbox.next().is_some() {};
+            match persister.finish(PERSIST_DRAIN_TIMEOUT, discard_reports) {
                 Some(stats) => info!(
                     "persistence stopped: {} messages saved, {} not saved",
                     stats.saved, stats.failed
