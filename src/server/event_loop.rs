@@ -113,11 +113,13 @@ impl EventLoop {
                 }
             }
             self.drain_inbox();
+            if self.accept_failing {
+                // Connections closed since may have freed descriptors. Before `end_turn`, so
+                // the welcome lines of clients accepted here are written this turn.
+                self.accept_all();
+            }
             self.read_again_pending();
             self.end_turn();
-            if self.accept_failing {
-                self.accept_all(); // closed connections may have freed descriptors
-            }
         }
         self.shut_down();
         Ok(())
