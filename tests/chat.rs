@@ -257,3 +257,60 @@ fn a_client_that_never_reads_is_disconnected_and_others_keep_receiving() {
         "the stuck client cannot have received everything"
     );
 }
+
+/// One client pours short lines in as fast as it can. Each line grows about tenfold on its way
+/// out (the sender's `IP:PORT` name), so a single turn's worth of input once queued more than
+/// the output limit for every recipient before any of it could be written, and cut off readers
+/// that were keeping up perfectly well.
+#[test]
+fn a_flood_does_not_cut_off_clients_that_keep_reading() {
+    const LINES: usize = 100_000;
+    let server = start_chat_only();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut chat = Chat::connect(server.addr);
+            chat.sync();
+            chat
+        })
+        .collect();
+    let mut flooder = Chat::connect(server.addr);
+    let expected = format!("<{}> a\r\n", flooder.name);
+    let handles: Vec<_> = readers
+        .into_iter()
+        .map(|chat| {
+            let expected = expected.clone();
+            thread::spawn(move || count_lines_until(chat, &expected, LINES))
+        })
+        .collect();
+    flooder.sync();
+    flooder.send_bytes(&b"a\n".repeat(LINES));
+    for handle in handles {
+        assert_eq!(handle.join().expect("reader"), LINES);
+    }
+}
+
+/// Reads raw bytes as fast as possible until `count` copies of `line` arrived; other lines
+/// (join notices) are allowed, a disconnect is not.
+fn count_lines_until(chat: Chat, line: &str, count: usize) -> usize {
+    let mut stream = chat.into_stream();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut pending = Vec::new();
+    let mut seen = 0;
+    while seen < count {
+        let n = std::io::Read::read(&mut stream, &mut buffer).expect("read");
+        assert!(n > 0, "disconnected after {seen} of {count} lines");
+        pending.extend_from_slice(&buffer[..n]);
+        let mut start = 0;
+        while let Some(end) = pending[start..].iter().position(|&b| b == b'\n') {
+            let got = &pending[start..start + end + 1];
+            assert!(!got.starts_with(b"! "), "{}", String::from_utf8_lossy(got));
+            if got == line.as_bytes() {
+                seen += 1;
+            }
+            start += end + 1;
+        }
+        pending.drain(..start);
+    }
+    seen
+}

@@ -272,15 +272,25 @@ impl Connection {
         ReadOutcome::BudgetSpent
     }
 
-    /// Queues bytes for sending. Returns false, and marks the connection as a slow consumer,
-    /// when that would pass `max_output`. Nothing is queued once the connection is closing.
+    /// Queues bytes for sending. Returns false, and marks the connection for closing, when
+    /// the client is a slow consumer (its output would pass `max_output`) or writing to it
+    /// failed. Nothing is queued once the connection is closing.
     pub fn queue(&mut self, data: &[u8], max_output: usize) -> bool {
         if self.closing.is_some() {
             return false;
         }
         if self.output.len() + data.len() > max_output {
-            self.close(CloseReason::SlowConsumer);
-            return false;
+            // Output is normally written once per turn, so one busy turn can queue more than
+            // the limit for a client that reads perfectly well. Give the socket what it takes
+            // now, and judge the client only on what it has not taken.
+            if let FlushOutcome::Failed(reason) = self.flush() {
+                self.close(reason);
+                return false;
+            }
+            if self.output.len() + data.len() > max_output {
+                self.close(CloseReason::SlowConsumer);
+                return false;
+            }
         }
         self.output.push(data);
         self.active_since_sweep = true;

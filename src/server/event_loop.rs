@@ -25,8 +25,10 @@ pub const WAKER: Token = Token(1);
 
 /// Size of the one read buffer all connections share, in bytes.
 const READ_CHUNK: usize = 64 * 1024;
-/// Bytes read from one connection per turn before others get their turn.
-const READ_BUDGET: usize = 256 * 1024;
+/// Bytes read from one connection per turn before others get their turn. One chunk: short lines
+/// grow several times over on their way out (`a` becomes `<127.0.0.1:50312> a\r\n`), so this
+/// also bounds what one sender adds to every recipient's output in a turn (about 0.7 MB).
+const READ_BUDGET: usize = READ_CHUNK;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// How soon to try accepting again after an accept error such as running out of descriptors.

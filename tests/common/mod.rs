@@ -156,6 +156,12 @@ impl Chat {
         }
     }
 
+    /// The socket, for tests that read raw bytes. Nothing may be left in the line buffer.
+    pub fn into_stream(self) -> TcpStream {
+        assert!(self.reader.buffer().is_empty(), "unread lines left");
+        self.writer
+    }
+
     /// Reads until the server closes the connection, returning the lines seen.
     pub fn read_to_end(&mut self) -> Vec<String> {
         self.reader
