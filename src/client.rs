@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::config::ClientConfig;
 use crate::error::Error;
+use crate::protocol::{self, Command};
 
 /// After our input ends, how long to wait for the server to send its last lines and close.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -24,6 +25,8 @@ enum Event {
     InputEnded,
     /// The server closed the connection, or reading from it failed.
     ServerGone(Option<io::Error>),
+    /// Printing what the server sent failed (e.g. stdout is a closed pipe).
+    OutputFailed(io::Error),
 }
 
 /// Connects and runs until input ends, the user quits, or the server goes away.
@@ -49,7 +52,8 @@ fn converse(writer: &mut TcpStream, inbox: &Receiver<Event>) -> Result<(), Error
         let event = inbox.recv().map_err(|_| lost(None))?;
         match event {
             Event::Typed(line) => {
-                quitting = line.trim_ascii() == b"/quit";
+                // The server's own parser decides what counts as /quit (e.g. "/quit now").
+                quitting = protocol::parse(&protocol::sanitize(&line)) == Command::Quit;
                 if let Err(err) = send_line(writer, &line) {
                     return Err(lost(Some(err)));
                 }
@@ -61,6 +65,7 @@ fn converse(writer: &mut TcpStream, inbox: &Receiver<Event>) -> Result<(), Error
             }
             Event::ServerGone(_) if quitting => return Ok(()),
             Event::ServerGone(err) => return Err(lost(err)),
+            Event::OutputFailed(err) => return Err(Error::Output(err)),
         }
     }
 }
@@ -70,6 +75,7 @@ fn wait_for_close(inbox: &Receiver<Event>) -> Result<(), Error> {
     loop {
         match inbox.recv_timeout(CLOSE_GRACE) {
             Ok(Event::ServerGone(_)) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Ok(Event::OutputFailed(err)) => return Err(Error::Output(err)),
             Ok(_) => continue,
             Err(RecvTimeoutError::Timeout) => return Ok(()),
         }
@@ -100,23 +106,29 @@ fn spawn_server_reader(stream: TcpStream, events: Sender<Event>) -> io::Result<(
             let outcome = loop {
                 line.clear();
                 match reader.read_until(b'\n', &mut line) {
-                    Ok(0) => break None,
+                    Ok(0) => break Event::ServerGone(None),
                     Ok(_) => {
-                        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                        let text = text.strip_suffix(b"\r").unwrap_or(text);
-                        let mut out = io::stdout().lock();
-                        let printed = out.write_all(text).and(out.write_all(b"\n"));
-                        if printed.and(out.flush()).is_err() {
-                            break None;
+                        if let Err(err) = print_line(&line) {
+                            break Event::OutputFailed(err);
                         }
                     }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => break Some(err),
+                    Err(err) => break Event::ServerGone(Some(err)),
                 }
             };
-            let _ = events.send(Event::ServerGone(outcome));
+            let _ = events.send(outcome);
         })?;
     Ok(())
+}
+
+/// Prints one server line without its `\r\n`, flushed so it shows at once.
+fn print_line(line: &[u8]) -> io::Result<()> {
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
+    let text = text.strip_suffix(b"\r").unwrap_or(text);
+    let mut out = io::stdout().lock();
+    out.write_all(text)?;
+    out.write_all(b"\n")?;
+    out.flush()
 }
 
 /// Forwards each line of standard input.

@@ -211,15 +211,23 @@ pub fn parse_server_args(
             "--max-output: must be at least twice --max-line ({max_line})"
         )));
     }
-    let store = (!no_persist).then(|| StoreConfig {
-        uri: uri
-            .or(env_uri.filter(|uri| !uri.is_empty()))
-            .unwrap_or_else(|| DEFAULT_MONGO_URI.to_string()),
-        database: database.unwrap_or_else(|| DEFAULT_MONGO_DB.to_string()),
-        collection: collection.unwrap_or_else(|| DEFAULT_MONGO_COLLECTION.to_string()),
-        timeout: Duration::from_millis(timeout_ms),
-        queue_capacity: queue,
-    });
+    let store = if no_persist {
+        None
+    } else {
+        let (uri, source) = match (uri, env_uri.filter(|uri| !uri.is_empty())) {
+            (Some(uri), _) => (uri, "--mongo-uri"),
+            (None, Some(uri)) => (uri, MONGO_URI_ENV),
+            (None, None) => (DEFAULT_MONGO_URI.to_string(), "--mongo-uri"),
+        };
+        check_uri(&uri, source)?;
+        Some(StoreConfig {
+            uri,
+            database: database.unwrap_or_else(|| DEFAULT_MONGO_DB.to_string()),
+            collection: collection.unwrap_or_else(|| DEFAULT_MONGO_COLLECTION.to_string()),
+            timeout: Duration::from_millis(timeout_ms),
+            queue_capacity: queue,
+        })
+    };
     Ok(Parsed::Run(ServerConfig {
         host,
         port,
@@ -227,6 +235,15 @@ pub fn parse_server_args(
         max_output,
         store,
     }))
+}
+
+/// Rejects a URI the driver cannot parse (scheme, hosts, options), so a typo stops the server at
+/// start instead of failing every message. Parsing only: no DNS lookup, no connection, so a
+/// `mongodb+srv://` URI is accepted offline and an unreachable database is no error here.
+fn check_uri(uri: &str, source: &str) -> Result<(), ArgError> {
+    mongodb::options::ConnectionString::parse(uri)
+        .map(drop)
+        .map_err(|err| ArgError(format!("{source}: not a usable MongoDB URI: {}", err.kind)))
 }
 
 /// Parses the client's flags.
@@ -336,6 +353,25 @@ mod tests {
             Some("mongodb://env:1"),
         ));
         assert_eq!(from_flag.store.unwrap().uri, "mongodb://flag:2");
+    }
+
+    #[test]
+    fn uris_are_checked_without_touching_the_network() {
+        let atlas = "mongodb+srv://app:pw@cluster0.example.invalid/?retryWrites=true&w=majority";
+        assert_eq!(
+            run(server(&["--mongo-uri", atlas], None))
+                .store
+                .unwrap()
+                .uri,
+            atlas
+        );
+        let err = server(&["--mongo-uri", "localhost:27017"], None).unwrap_err();
+        assert!(err.0.starts_with("--mongo-uri: "), "{err}");
+        let err = server(&["--mongo-uri", "mongodb://h/?w=banana&foo=bar"], None).unwrap_err();
+        assert!(err.0.starts_with("--mongo-uri: "), "{err}");
+        let err = server(&[], Some("nonsense")).unwrap_err();
+        assert!(err.0.starts_with("PEERCHAT_MONGO_URI: "), "{err}");
+        assert!(server(&["--no-persist"], Some("nonsense")).is_ok());
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum Error {
     Connect { addr: String, source: io::Error },
     /// The client lost its server.
     Disconnected(String),
+    /// The client could not print what arrived.
+    Output(io::Error),
     /// Any other I/O failure (poll, thread spawn, terminal).
     Io(io::Error),
     /// The server thread panicked.
@@ -28,6 +30,7 @@ impl fmt::Display for Error {
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::Disconnected(why) => f.write_str(why),
+            Error::Output(source) => write!(f, "cannot write to standard output: {source}"),
             Error::Io(source) => write!(f, "{source}"),
             Error::Panicked => write!(f, "the server thread panicked"),
         }
@@ -40,6 +43,7 @@ impl std::error::Error for Error {
             Error::Resolve { source, .. }
             | Error::Bind { source, .. }
             | Error::Connect { source, .. }
+            | Error::Output(source)
             | Error::Io(source) => Some(source),
             Error::Disconnected(_) | Error::Panicked => None,
         }

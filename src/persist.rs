@@ -8,8 +8,11 @@
 //! Each message gets its `_id` when it is accepted, so a batch sent again after a lost reply
 //! cannot store anything twice: the duplicate key error (11000) it gets means "already saved".
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -72,6 +75,10 @@ pub struct SubmitError {
 pub struct Persister {
     queue: SyncSender<Record>,
     thread: JoinHandle<PersistStats>,
+    /// Messages taken into the queue (counted on the loop's side).
+    accepted: Cell<u64>,
+    /// Messages the persistence thread has finished with, saved or reported.
+    settled: Arc<AtomicU64>,
 }
 
 /// What the persistence thread did, reported when it ends.
@@ -86,15 +93,26 @@ impl Persister {
     /// is logged, not fatal, and the thread keeps trying with every batch.
     pub fn start(config: StoreConfig, results: LoopSender) -> std::io::Result<Persister> {
         let (queue, incoming) = mpsc::sync_channel(config.queue_capacity);
+        let settled = Arc::new(AtomicU64::new(0));
+        let thread_settled = settled.clone();
         let thread = thread::Builder::new()
             .name("peerchat-persist".to_string())
-            .spawn(move || run(config, incoming, results))?;
-        Ok(Persister { queue, thread })
+            .spawn(move || run(config, incoming, results, &thread_settled))?;
+        Ok(Persister {
+            queue,
+            thread,
+            accepted: Cell::new(0),
+            settled,
+        })
     }
 
     /// Queues a message without blocking.
     pub fn submit(&self, record: Record) -> Result<(), SubmitError> {
-        self.queue.try_send(record).map_err(|err| match err {
+        let sent = self.queue.try_send(record);
+        if sent.is_ok() {
+            self.accepted.set(self.accepted.get() + 1);
+        }
+        sent.map_err(|err| match err {
             TrySendError::Full(record) => SubmitError {
                 content: record.content,
                 reason: "server busy: save queue full",
@@ -108,32 +126,42 @@ impl Persister {
 
     /// Closes the queue and waits up to `timeout` for what is queued to be stored, calling
     /// `meanwhile` every few milliseconds (the loop drains its inbox there, so the thread never
-    /// waits on a full inbox nobody reads). Returns the thread's counts, or `None` if it was
-    /// still busy when the time ran out.
-    pub fn finish(self, timeout: Duration, mut meanwhile: impl FnMut()) -> Option<PersistStats> {
+    /// waits on a full inbox nobody reads). Returns the thread's counts, or, if it was still
+    /// busy when the time ran out, how many accepted messages it had not finished with.
+    pub fn finish(
+        self,
+        timeout: Duration,
+        mut meanwhile: impl FnMut(),
+    ) -> Result<PersistStats, u64> {
         drop(self.queue);
         let deadline = Instant::now() + timeout;
         while !self.thread.is_finished() && Instant::now() < deadline {
             meanwhile();
             thread::sleep(Duration::from_millis(10));
         }
+        let unsettled = self.accepted.get() - self.settled.load(Ordering::Acquire);
         if self.thread.is_finished() {
-            self.thread.join().ok()
+            self.thread.join().map_err(|_| unsettled)
         } else {
-            None
+            Err(unsettled)
         }
     }
 }
 
 /// The persistence thread: batch, insert (through the watchdog), report, until the queue is
 /// closed and empty.
-fn run(config: StoreConfig, incoming: Receiver<Record>, results: LoopSender) -> PersistStats {
+fn run(
+    config: StoreConfig,
+    incoming: Receiver<Record>,
+    results: LoopSender,
+    settled: &AtomicU64,
+) -> PersistStats {
     let deadline = config.timeout * BATCH_DEADLINE_FACTOR;
     let mut inserter = match Inserter::start(Store::new(config)) {
         Ok(inserter) => inserter,
         Err(err) => {
             error!("cannot start the database thread: {err}; no message will be stored");
-            return report_all_unsaved(incoming, &results);
+            return report_all_unsaved(incoming, &results, settled);
         }
     };
     let mut health = Health::default();
@@ -148,6 +176,7 @@ fn run(config: StoreConfig, incoming: Receiver<Record>, results: LoopSender) -> 
         stats.failed += failures.len() as u64;
         stats.saved += (batch.len() - failures.len()) as u64;
         report(&results, &mut batch, failures);
+        settled.fetch_add(batch.len() as u64, Ordering::Release);
         batch.clear();
     }
     stats
@@ -171,7 +200,11 @@ fn report(results: &LoopSender, batch: &mut [Record], failures: Vec<(usize, Stri
 }
 
 /// Without a database thread nothing can be stored: say so for every message.
-fn report_all_unsaved(incoming: Receiver<Record>, results: &LoopSender) -> PersistStats {
+fn report_all_unsaved(
+    incoming: Receiver<Record>,
+    results: &LoopSender,
+    settled: &AtomicU64,
+) -> PersistStats {
     let mut stats = PersistStats::default();
     while let Ok(record) = incoming.recv() {
         stats.failed += 1;
@@ -181,6 +214,7 @@ fn report_all_unsaved(incoming: Receiver<Record>, results: &LoopSender) -> Persi
             &mut batch,
             vec![(0, "storage stopped".to_string())],
         );
+        settled.fetch_add(1, Ordering::Release);
     }
     stats
 }
@@ -190,8 +224,9 @@ fn report_all_unsaved(incoming: Receiver<Record>, results: &LoopSender) -> Persi
 /// that is open but silent (a hung or stopped database), so the watchdog does.
 const BATCH_DEADLINE_FACTOR: u32 = 3;
 
-/// Why a batch was given up on by the watchdog.
-const NOT_RESPONDING: &str = "database not responding";
+/// Why a batch was given up on by the watchdog. The insert may still complete if the database
+/// wakes up, and the sender should know that.
+const NOT_RESPONDING: &str = "database not responding; it may still be saved";
 
 /// Runs the blocking driver calls on a thread of their own, so the persistence thread can stop
 /// waiting for a database that does not answer. At most one batch is in the driver at a time;
@@ -204,6 +239,8 @@ struct Inserter {
     busy: bool,
     /// The batch in the driver overran its deadline.
     stuck: bool,
+    /// Messages in the batch given up on, to log what became of them if it finishes late.
+    given_up: usize,
 }
 
 impl Inserter {
@@ -228,22 +265,39 @@ impl Inserter {
             done,
             busy: true, // until start-up (connect, index) reports
             stuck: false,
+            given_up: 0,
         })
     }
 
     /// Stores `documents`, or gives up after `deadline`. Returns the failed indexes and reasons.
     fn save(&mut self, documents: Vec<Document>, deadline: Duration) -> Vec<(usize, String)> {
         let count = documents.len();
-        let wait_for_previous = if self.stuck { Duration::ZERO } else { deadline };
-        if self.busy && self.wait(wait_for_previous).is_none() {
-            return all_failed(count, NOT_RESPONDING);
+        if self.busy {
+            let wait_for_previous = if self.stuck { Duration::ZERO } else { deadline };
+            match self.wait(wait_for_previous) {
+                Some(late) => self.note_late(&late),
+                None => return all_failed(count, NOT_RESPONDING),
+            }
         }
         if self.jobs.send(documents).is_err() {
             return all_failed(count, "storage stopped");
         }
         self.busy = true;
-        self.wait(deadline)
-            .unwrap_or_else(|| all_failed(count, NOT_RESPONDING))
+        self.wait(deadline).unwrap_or_else(|| {
+            self.given_up = count;
+            all_failed(count, NOT_RESPONDING)
+        })
+    }
+
+    /// A batch already reported unsaved has finished after all: say how much of it was stored.
+    fn note_late(&mut self, failures: &[(usize, String)]) {
+        let given_up = std::mem::take(&mut self.given_up);
+        if given_up > 0 {
+            info!(
+                "MongoDB answered late: {} of {given_up} messages reported \"not responding\" were stored after all",
+                given_up - failures.len()
+            );
+        }
     }
 
     /// The result of the batch in the driver, if it comes within `deadline`.

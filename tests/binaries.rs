@@ -166,14 +166,16 @@ fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
 #[test]
 fn client_quit_exits_0() {
     let server = start_chat_only();
-    let mut client = spawn_client(server.addr, &[]);
-    // /quit with stdin still open: the client must exit on the server's close alone.
-    let mut stdin = client.stdin.take().unwrap();
-    stdin.write_all(b"/quit\n").unwrap();
-    let out = run_bounded(client);
-    drop(stdin);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("* bye"));
+    for quit in ["/quit\n", "/quit see you\n"] {
+        let mut client = spawn_client(server.addr, &[]);
+        // /quit with stdin still open: the client must exit on the server's close alone.
+        let mut stdin = client.stdin.take().unwrap();
+        stdin.write_all(quit.as_bytes()).unwrap();
+        let out = run_bounded(client);
+        drop(stdin);
+        assert!(out.status.success(), "{quit:?}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("* bye"));
+    }
 }
 
 #[test]

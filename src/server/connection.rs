@@ -78,6 +78,15 @@ impl InputBatch {
         self.items.clear();
     }
 
+    /// Frees the buffers after a turn that read an unusually large number of lines.
+    pub fn shrink_if_large(&mut self) {
+        const KEEP_BYTES: usize = 128 * 1024;
+        const KEEP_ITEMS: usize = 4096;
+        if self.bytes.capacity() > KEEP_BYTES || self.items.capacity() > KEEP_ITEMS {
+            *self = InputBatch::default();
+        }
+    }
+
     pub fn items(&self) -> &[Input] {
         &self.items
     }

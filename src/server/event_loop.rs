@@ -139,6 +139,7 @@ impl EventLoop {
             }
         }
         if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+            self.batch.shrink_if_large();
             if self.room.shrink_idle() >= TRIM_AFTER_FREEING {
                 heap::give_back_free_memory();
             }
@@ -322,11 +323,13 @@ impl EventLoop {
             let inbox = &self.inbox;
             let discard_reports = || while inbox.next().is_some() {};
             match persister.finish(PERSIST_DRAIN_TIMEOUT, discard_reports) {
-                Some(stats) => info!(
+                Ok(stats) => info!(
                     "persistence stopped: {} messages saved, {} not saved",
                     stats.saved, stats.failed
                 ),
-                None => warn!("persistence still busy after {PERSIST_DRAIN_TIMEOUT:?}; leaving it"),
+                Err(unsettled) => warn!(
+                    "persistence still busy after {PERSIST_DRAIN_TIMEOUT:?}: {unsettled} accepted messages not confirmed stored"
+                ),
             }
         }
     }
