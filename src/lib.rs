@@ -20,7 +20,8 @@
 //! - [`protocol`]: what a line means and every line the server sends (pure).
 //! - [`server`]: binding and running; inside it the event loop, connections (socket + buffers),
 //!   the room (broadcast), the chat rules, and the inbox.
-//! - [`persist`]: the persistence thread and the stored document.
+//! - [`persist`]: the persistence queue and thread, the stored document; inside it the batch
+//!   watchdog and the driver calls (`store`).
 //! - [`client`]: the terminal client.
 //! - [`log`]: timestamped stderr logging.
 

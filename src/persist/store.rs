@@ -1,0 +1,226 @@
+//! The database side of persistence: the driver client, the `timestamp` index, inserting a
+//! batch, and turning driver errors into which messages failed and a short reason.
+
+use bson::{doc, Document};
+use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
+use mongodb::options::ClientOptions;
+use mongodb::sync::{Client, Collection};
+use mongodb::IndexModel;
+
+use crate::config::StoreConfig;
+use crate::{info, warn};
+
+/// MongoDB's duplicate key error: the document with this `_id` is already stored.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// The database side of persistence: a lazily created driver client and the `timestamp`
+/// index. Its calls block for as long as the driver does; the persistence thread runs them
+/// behind a watchdog. Public so tests and benches can drive it directly.
+pub struct Store {
+    config: StoreConfig,
+    collection: Option<Collection<Document>>,
+    /// The index exists, or could not be made for a reason retrying will not fix.
+    index_settled: bool,
+}
+
+impl Store {
+    /// A store for `config`; nothing connects until the first call that needs the database.
+    pub fn new(config: StoreConfig) -> Self {
+        Store {
+            config,
+            collection: None,
+            index_settled: false,
+        }
+    }
+
+    /// Connects and creates the `timestamp` index, logging one line either way. An unreachable
+    /// database is a warning, not an error: saving keeps trying with each batch.
+    pub fn prepare(&mut self) {
+        let target = format!(
+            "{}.{} at {}",
+            self.config.database,
+            self.config.collection,
+            redact_uri(&self.config.uri)
+        );
+        match self.settle_index() {
+            Ok(()) => info!("storing messages in {target}"),
+            Err(err) => warn!(
+                "MongoDB for {target} is not available ({}); chat runs, messages are reported unsaved until it is",
+                describe(&err)
+            ),
+        }
+    }
+
+    /// Stores a batch. Returns the index of each document that could not be stored, with the
+    /// reason to give its sender.
+    pub fn save(&mut self, documents: &[Document]) -> Vec<(usize, String)> {
+        let mut result = self.insert(documents);
+        if let Err(err) = &result {
+            if is_transient(err) {
+                // Same `_id`s: anything the first attempt stored comes back as a duplicate.
+                result = self.insert(documents);
+            }
+        }
+        let failures = match result {
+            Ok(()) => Vec::new(),
+            Err(err) => failed_indexes(&err, documents.len()),
+        };
+        if failures.is_empty() && !self.index_settled {
+            let _ = self.settle_index();
+        }
+        failures
+    }
+
+    fn insert(&mut self, documents: &[Document]) -> Result<(), DbError> {
+        let collection = self.collection()?;
+        collection.insert_many(documents).ordered(false).run()?;
+        Ok(())
+    }
+
+    fn collection(&mut self) -> Result<&Collection<Document>, DbError> {
+        if self.collection.is_none() {
+            let mut options = ClientOptions::parse(&self.config.uri).run()?;
+            options.server_selection_timeout = Some(self.config.timeout);
+            options.connect_timeout = Some(self.config.timeout);
+            options.app_name = Some("peerchat".to_string());
+            let client = Client::with_options(options)?;
+            let collection = client
+                .database(&self.config.database)
+                .collection(&self.config.collection);
+            self.collection = Some(collection);
+        }
+        Ok(self
+            .collection
+            .as_ref()
+            .expect("collection was just created"))
+    }
+
+    /// Creates the `timestamp` index. Returns an error only when the database could not be
+    /// reached (try again later); any other failure is logged once and not retried.
+    fn settle_index(&mut self) -> Result<(), DbError> {
+        let index = IndexModel::builder().keys(doc! { "timestamp": 1 }).build();
+        let result = self
+            .collection()
+            .and_then(|collection| collection.create_index(index).run().map(drop));
+        match result {
+            Ok(()) => self.index_settled = true,
+            Err(err) if is_connectivity(&err) => return Err(err),
+            Err(err) => {
+                self.index_settled = true;
+                warn!(
+                    "could not create the timestamp index ({}); messages are still stored",
+                    describe(&err)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The database could not be reached at all (as opposed to refusing the operation).
+fn is_connectivity(err: &DbError) -> bool {
+    matches!(
+        *err.kind,
+        ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. }
+    )
+}
+
+/// Errors worth one immediate retry: the connection broke, or the server says so.
+fn is_transient(err: &DbError) -> bool {
+    matches!(
+        *err.kind,
+        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
+    ) || err.contains_label("RetryableWriteError")
+}
+
+/// Which documents of a failed `insert_many` were not stored, and why. With an unordered
+/// insert every document was tried and write errors name the failed ones by index; any other
+/// error leaves the whole batch unsaved. A duplicate key means the document is already there.
+fn failed_indexes(err: &DbError, batch_len: usize) -> Vec<(usize, String)> {
+    if let ErrorKind::InsertMany(failure) = &*err.kind {
+        let mut failed: Vec<(usize, String)> = failure
+            .write_errors
+            .iter()
+            .flatten()
+            .filter(|write| write.code != DUPLICATE_KEY)
+            .map(|write| (write.index, format!("database error {}", write.code)))
+            .collect();
+        if failure.write_concern_error.is_some() {
+            let reported: Vec<usize> = failed.iter().map(|(index, _)| *index).collect();
+            let duplicates: Vec<usize> = failure
+                .write_errors
+                .iter()
+                .flatten()
+                .map(|write| write.index)
+                .collect();
+            failed.extend(
+                (0..batch_len)
+                    .filter(|index| !reported.contains(index) && !duplicates.contains(index))
+                    .map(|index| (index, "database did not confirm the write".to_string())),
+            );
+        }
+        return failed;
+    }
+    let reason = describe(err);
+    (0..batch_len)
+        .map(|index| (index, reason.clone()))
+        .collect()
+}
+
+/// A short reason for a sender or the log.
+fn describe(err: &DbError) -> String {
+    match &*err.kind {
+        ErrorKind::ServerSelection { .. } => "database unreachable".to_string(),
+        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => {
+            "database connection lost".to_string()
+        }
+        ErrorKind::Command(command) => {
+            format!("database error {} {}", command.code, command.code_name)
+        }
+        ErrorKind::Write(WriteFailure::WriteError(write)) => {
+            format!("database error {}", write.code)
+        }
+        ErrorKind::Write(WriteFailure::WriteConcernError(_)) => {
+            "database did not confirm the write".to_string()
+        }
+        ErrorKind::Authentication { .. } => "database authentication failed".to_string(),
+        ErrorKind::DnsResolve { .. } => "database address not found (DNS)".to_string(),
+        ErrorKind::InvalidArgument { .. } => "invalid database URI".to_string(),
+        _ => "database error".to_string(),
+    }
+}
+
+/// The URI without its password, for logs.
+pub fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_uri("mongodb+srv://app:s3cret@cluster0.example.net/?retryWrites=true"),
+            "mongodb+srv://app:***@cluster0.example.net/?retryWrites=true"
+        );
+        assert_eq!(
+            redact_uri("mongodb://127.0.0.1:27017"),
+            "mongodb://127.0.0.1:27017"
+        );
+    }
+}
