@@ -89,12 +89,10 @@ fn bad_flags_exit_2_naming_the_flag() {
 /// The server binary on port 0: its log names the address, and it serves chat.
 #[test]
 fn server_binary_logs_its_address_and_serves() {
-    let (mut server, addr) = spawn_server("", "--no-persist");
+    let (_server, addr) = spawn_server("", "--no-persist");
     let (mut alice, mut bob) = alice_and_bob(addr);
     alice.send("via the binary");
     assert_eq!(bob.line(), "<alice> via the binary");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 /// Reads the server's log until `listening on ADDR`, checking the log line format on the way.
@@ -218,7 +216,7 @@ fn spawn_client(addr: SocketAddr, flags: &[&str]) -> Child {
 
 /// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
 /// address.
-fn spawn_server(shell_prefix: &str, flags: &str) -> (Child, SocketAddr) {
+fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAddr) {
     let command = format!("{shell_prefix} exec '{SERVER}' --port 0 {flags}");
     let mut server = Command::new("sh")
         .args(["-c", &command])
@@ -228,7 +226,30 @@ fn spawn_server(shell_prefix: &str, flags: &str) -> (Child, SocketAddr) {
         .spawn()
         .expect("start server");
     let addr = listening_address(&mut server);
-    (server, addr)
+    (ServerProcess(Some(server)), addr)
+}
+
+/// The server binary, killed when dropped so that a failing test leaves no server behind.
+struct ServerProcess(Option<Child>);
+
+impl ServerProcess {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
+    /// Hands the process over, to wait for its own exit.
+    fn into_child(mut self) -> Child {
+        self.0.take().expect("running")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Reads a welcome line within `wait`, if one comes.
@@ -242,7 +263,7 @@ fn welcomed(stream: &mut TcpStream, wait: Duration) -> bool {
 /// let in once descriptors are free again, without a further connection to prompt it.
 #[test]
 fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
-    let (mut server, addr) = spawn_server("ulimit -n 16 &&", "--no-persist");
+    let (_server, addr) = spawn_server("ulimit -n 16 &&", "--no-persist");
     let mut clients: Vec<TcpStream> = (0..20)
         .map(|_| TcpStream::connect(addr).expect("connect (the kernel queues it)"))
         .collect();
@@ -269,8 +290,6 @@ fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
             "waiting client {n} of {freed} was never accepted"
         );
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 /// SIGTERM right after a burst: clients are told, every accepted message is stored, exit 0.
@@ -297,7 +316,7 @@ fn sigterm_stores_every_accepted_message_and_exits_0() {
     assert!(bob
         .read_to_end()
         .contains(&"* server shutting down".to_string()));
-    let exit = run_bounded(server);
+    let exit = run_bounded(server.into_child());
     assert_eq!(exit.status.code(), Some(0), "clean exit");
     let stored = db.stored();
     assert_eq!(
