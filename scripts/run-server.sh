@@ -35,7 +35,9 @@ if [[ $needs_db -eq 1 ]] && ! (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; th
   secantusd="$(scripts/ensure-secantusdb.sh)"
   mkdir -p data/secantusdb
   log "no MongoDB on 127.0.0.1:27017: starting SecantusDB there, data in $root/data/secantusdb"
-  "$secantusd" --host 127.0.0.1 --port 27017 --storage-path "$root/data/secantusdb" \
+  # Own session (setsid): a Ctrl-C in this terminal must not stop the database before the
+  # server has stored what it accepted; this script stops it after the server has exited.
+  setsid "$secantusd" --host 127.0.0.1 --port 27017 --storage-path "$root/data/secantusdb" \
     --log-level WARNING >>data/secantusdb.log 2>&1 &
   db_pid=$!
   trap stop_db EXIT
@@ -44,8 +46,9 @@ if [[ $needs_db -eq 1 ]] && ! (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; th
     kill -0 "$db_pid" 2>/dev/null || { echo "SecantusDB failed to start; see data/secantusdb.log" >&2; exit 1; }
     sleep 0.1
   done
-  # Background jobs of a script ignore SIGINT, so Ctrl-C and SIGTERM are passed on as SIGTERM.
-  "$server" "$@" &
+  # The server runs in its own session too, so it gets exactly one stop signal: this script
+  # passes Ctrl-C (SIGINT) and SIGTERM on as one SIGTERM (a second would mean "exit now").
+  setsid "$server" "$@" &
   server_pid=$!
   trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid; exit 130' INT
   trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid; exit 143' TERM
