@@ -77,22 +77,12 @@ impl Store {
         Ok(())
     }
 
+    /// The collection, connecting on first use (and again after a failed attempt).
     fn collection(&mut self) -> Result<&Collection<Document>, DbError> {
-        if self.collection.is_none() {
-            let mut options = ClientOptions::parse(&self.config.uri).run()?;
-            options.server_selection_timeout = Some(self.config.timeout);
-            options.connect_timeout = Some(self.config.timeout);
-            options.app_name = Some("peerchat".to_string());
-            let client = Client::with_options(options)?;
-            let collection = client
-                .database(&self.config.database)
-                .collection(&self.config.collection);
-            self.collection = Some(collection);
+        match &mut self.collection {
+            Some(collection) => Ok(collection),
+            empty @ None => Ok(empty.insert(connect(&self.config)?)),
         }
-        Ok(self
-            .collection
-            .as_ref()
-            .expect("collection was just created"))
     }
 
     /// Creates the `timestamp` index. Returns an error only when the database could not be
@@ -115,6 +105,19 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// A driver client with peerchat's timeouts. Parsing a `mongodb+srv://` URI looks up DNS
+/// records, so this runs on the database thread, never at start-up.
+fn connect(config: &StoreConfig) -> Result<Collection<Document>, DbError> {
+    let mut options = ClientOptions::parse(&config.uri).run()?;
+    options.server_selection_timeout = Some(config.timeout);
+    options.connect_timeout = Some(config.timeout);
+    options.app_name = Some("peerchat".to_string());
+    let client = Client::with_options(options)?;
+    Ok(client
+        .database(&config.database)
+        .collection(&config.collection))
 }
 
 /// The database could not be reached at all (as opposed to refusing the operation).
