@@ -2,30 +2,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::process::{run_bounded, spawn_server, SERVER};
 use common::{alice_and_bob, free_port, start_chat_only, Chat, TestDb, DEADLINE};
-
-const SERVER: &str = env!("CARGO_BIN_EXE_peerchat-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
-
-/// Runs a command to completion within `DEADLINE`, killing it otherwise.
-fn run_bounded(mut child: Child) -> Output {
-    let deadline = Instant::now() + DEADLINE;
-    while child.try_wait().expect("wait for child").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {DEADLINE:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("collect output")
-}
 
 fn run_with_args(exe: &str, args: &[&str]) -> Output {
     let child = Command::new(exe)
@@ -93,32 +77,6 @@ fn server_binary_logs_its_address_and_serves() {
     let (mut alice, mut bob) = alice_and_bob(addr);
     alice.send("via the binary");
     assert_eq!(bob.line(), "<alice> via the binary");
-}
-
-/// Reads the server's log until `listening on ADDR`, checking the log line format on the way.
-fn listening_address(server: &mut Child) -> SocketAddr {
-    let stderr = server.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = rx.recv_timeout(DEADLINE).expect("server log line");
-        let (stamp, rest) = line.split_once(' ').expect("timestamp first");
-        assert!(
-            stamp.ends_with('Z') && stamp.len() == 24,
-            "timestamp: {line}"
-        );
-        assert!(
-            rest.starts_with("INFO ") || rest.starts_with("WARN "),
-            "level: {line}"
-        );
-        if let Some(addr) = rest.split("listening on ").nth(1) {
-            return addr.trim().parse().expect("address in log");
-        }
-    }
 }
 
 #[test]
@@ -212,44 +170,6 @@ fn spawn_client(addr: SocketAddr, flags: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start client")
-}
-
-/// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
-/// address.
-fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAddr) {
-    let command = format!("{shell_prefix} exec '{SERVER}' --port 0 {flags}");
-    let mut server = Command::new("sh")
-        .args(["-c", &command])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start server");
-    let addr = listening_address(&mut server);
-    (ServerProcess(Some(server)), addr)
-}
-
-/// The server binary, killed when dropped so that a failing test leaves no server behind.
-struct ServerProcess(Option<Child>);
-
-impl ServerProcess {
-    fn id(&self) -> u32 {
-        self.0.as_ref().expect("running").id()
-    }
-
-    /// Hands the process over, to wait for its own exit.
-    fn into_child(mut self) -> Child {
-        self.0.take().expect("running")
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Reads a welcome line within `wait`, if one comes.

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod process;
+
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -203,6 +205,9 @@ pub struct TestDb {
     port: u16,
     process: Option<Child>,
     owned: bool,
+    /// Data directory of an on-disk database, which keeps its data across `restart`; `None`
+    /// for an in-memory one, which starts empty each time.
+    data_dir: Option<PathBuf>,
 }
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -225,6 +230,7 @@ impl TestDb {
                 port: 0,
                 process: None,
                 owned: false,
+                data_dir: None,
             },
             _ => TestDb::start_own(),
         }
@@ -247,7 +253,19 @@ impl TestDb {
             port,
             process: None,
             owned: true,
+            data_dir: None,
         }
+    }
+
+    /// Like `start_own`, but the data is kept on disk, so what was stored before a `kill`
+    /// is still there after `restart`: for checking that nothing is lost or stored twice.
+    pub fn start_own_on_disk() -> TestDb {
+        let mut db = TestDb::reserve_own();
+        let dir = std::env::temp_dir().join(format!("peerchat-{}", db.database));
+        std::fs::create_dir_all(&dir).expect("create database directory");
+        db.data_dir = Some(dir);
+        db.restart();
+        db
     }
 
     /// Store settings for a peerchat server using this database. The timeout is shorter than
@@ -295,9 +313,13 @@ impl TestDb {
     pub fn restart(&mut self) {
         assert!(self.owned && self.process.is_none());
         let exe = secantusd_path();
+        let storage = match &self.data_dir {
+            Some(dir) => dir.to_str().expect("UTF-8 temp path").to_string(),
+            None => ":memory:".to_string(),
+        };
         let mut child = Command::new(&exe)
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--storage-path", ":memory:", "--enable-test-commands"])
+            .args(["--storage-path", &storage, "--enable-test-commands"])
             .args(["--log-level", "WARNING"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -385,6 +407,9 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         if self.owned {
             self.kill();
+            if let Some(dir) = &self.data_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         } else {
             let _ = self.client().database(&self.database).drop().run();
         }
