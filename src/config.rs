@@ -17,6 +17,19 @@ pub const DEFAULT_MAX_LINE: usize = 4096;
 /// Output a client may have pending before it is cut off as a slow consumer, in bytes. Chat is
 /// pushed to clients, so without a cap one client that never reads would grow without bound.
 pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
+/// Overlong lines a client may send; the next one disconnects it. A client that keeps sending
+/// them is broken or hostile, and each one costs a read of up to the whole line.
+pub const DEFAULT_MAX_OVERLONG: u32 = 3;
+/// Lines per second a client may send on average (flood control), and how many it may send in
+/// one burst: a person typing or pasting a paragraph never meets the limit, a script flooding
+/// the room does.
+pub const DEFAULT_FLOOD_RATE: u32 = 20;
+pub const DEFAULT_FLOOD_BURST: u32 = 40;
+/// Clients served at once; more are told the server is full. Also capped by the open-file limit.
+pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// How long a stopping server waits, in seconds, for clients to take their last output and for
+/// accepted messages to be stored.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
 /// Database used when `PEERCHAT_MONGO_URI` and `--mongo-uri` are absent.
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017";
 /// Environment variable that supplies the MongoDB URI.
@@ -37,10 +50,45 @@ pub const DEFAULT_PERSIST_QUEUE: usize = 10_000;
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
-    pub max_line: usize,
-    pub max_output: usize,
+    pub limits: ClientLimits,
+    pub max_clients: usize,
+    pub shutdown_timeout: Duration,
     /// `None` with `--no-persist`: no database at all.
     pub store: Option<StoreConfig>,
+}
+
+/// What one client may send and leave unread before it is refused or disconnected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Longest line in bytes, terminator excluded.
+    pub max_line: usize,
+    /// Output pending for the client before it is cut off as a slow consumer, in bytes.
+    pub max_output: usize,
+    /// Overlong lines tolerated; the next one disconnects.
+    pub max_overlong: u32,
+    /// `None` with `--flood-rate 0`: no flood control.
+    pub flood: Option<FloodLimit>,
+}
+
+/// A token bucket: `burst` lines at once, refilled at `lines_per_sec`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FloodLimit {
+    pub lines_per_sec: u32,
+    pub burst: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            max_line: DEFAULT_MAX_LINE,
+            max_output: DEFAULT_MAX_OUTPUT,
+            max_overlong: DEFAULT_MAX_OVERLONG,
+            flood: Some(FloodLimit {
+                lines_per_sec: DEFAULT_FLOOD_RATE,
+                burst: DEFAULT_FLOOD_BURST,
+            }),
+        }
+    }
 }
 
 /// Where and how chat messages are stored.
@@ -67,8 +115,9 @@ impl ServerConfig {
         ServerConfig {
             host: DEFAULT_HOST.to_string(),
             port: 0,
-            max_line: DEFAULT_MAX_LINE,
-            max_output: DEFAULT_MAX_OUTPUT,
+            limits: ClientLimits::default(),
+            max_clients: DEFAULT_MAX_CLIENTS,
+            shutdown_timeout: Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             store,
         }
     }
@@ -99,6 +148,18 @@ Options:
   --max-line BYTES         longest accepted line, newline excluded [default: 4096]
   --max-output BYTES       output pending for one client before it is disconnected
                            as a slow consumer [default: 1048576]
+  --max-overlong N         overlong lines a client may send; the next one disconnects
+                           it [default: 3]
+  --flood-rate LINES       lines per second a client may send on average; excess lines
+                           are dropped with one warning per burst; 0 turns flood control
+                           off [default: 20]
+  --flood-burst LINES      lines a client may send at once before --flood-rate applies
+                           [default: 40]
+  --max-clients N          clients served at once; more are told the server is full.
+                           Capped by the open-file limit, which the server raises to its
+                           hard limit at start [default: 10000]
+  --shutdown-timeout SECS  on SIGINT/SIGTERM, how long to wait for clients to take their
+                           last output and for accepted messages to be stored [default: 10]
   --mongo-uri URI          MongoDB to store messages in, e.g. mongodb+srv://… for Atlas
                            [default: $PEERCHAT_MONGO_URI, else mongodb://127.0.0.1:27017]
   --mongo-db NAME          database name [default: peerchat]
@@ -187,6 +248,29 @@ pub fn parse_server_args(
     let port = optional(&mut args, "--port")?.unwrap_or(DEFAULT_PORT);
     let max_line = bounded(&mut args, "--max-line", DEFAULT_MAX_LINE, 1, 1 << 20)?;
     let max_output = bounded(&mut args, "--max-output", DEFAULT_MAX_OUTPUT, 1024, 1 << 30)?;
+    let max_overlong = bounded(&mut args, "--max-overlong", DEFAULT_MAX_OVERLONG, 0, 1_000)?;
+    let flood_rate = bounded(&mut args, "--flood-rate", DEFAULT_FLOOD_RATE, 0, 1_000_000)?;
+    let flood_burst = bounded(
+        &mut args,
+        "--flood-burst",
+        DEFAULT_FLOOD_BURST,
+        1,
+        1_000_000,
+    )?;
+    let max_clients = bounded(
+        &mut args,
+        "--max-clients",
+        DEFAULT_MAX_CLIENTS,
+        1,
+        1_000_000,
+    )?;
+    let shutdown_secs = bounded(
+        &mut args,
+        "--shutdown-timeout",
+        DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        0,
+        3600,
+    )?;
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
     let collection = optional(&mut args, "--mongo-collection")?;
@@ -228,11 +312,21 @@ pub fn parse_server_args(
             queue_capacity: queue,
         })
     };
+    let flood = (flood_rate > 0).then_some(FloodLimit {
+        lines_per_sec: flood_rate,
+        burst: flood_burst,
+    });
     Ok(Parsed::Run(ServerConfig {
         host,
         port,
-        max_line,
-        max_output,
+        limits: ClientLimits {
+            max_line,
+            max_output,
+            max_overlong,
+            flood,
+        },
+        max_clients,
+        shutdown_timeout: Duration::from_secs(shutdown_secs),
         store,
     }))
 }
@@ -334,7 +428,17 @@ mod tests {
     fn defaults() {
         let config = run(server(&[], None));
         assert_eq!((config.host.as_str(), config.port), ("127.0.0.1", 55556));
-        assert_eq!(config.max_line, 4096);
+        assert_eq!(config.limits, ClientLimits::default());
+        assert_eq!(config.limits.max_line, 4096);
+        assert_eq!(
+            config.limits.flood,
+            Some(FloodLimit {
+                lines_per_sec: 20,
+                burst: 40
+            })
+        );
+        assert_eq!(config.max_clients, 10_000);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
         let store = config.store.expect("persistence is on by default");
         assert_eq!(store.uri, "mongodb://127.0.0.1:27017");
         assert_eq!(
@@ -375,6 +479,38 @@ mod tests {
     }
 
     #[test]
+    fn limits_can_be_tuned_and_flood_control_turned_off() {
+        let config = run(server(
+            &[
+                "--flood-rate",
+                "5",
+                "--flood-burst",
+                "7",
+                "--max-overlong",
+                "1",
+                "--max-clients",
+                "9",
+                "--shutdown-timeout",
+                "0",
+            ],
+            None,
+        ));
+        assert_eq!(
+            config.limits.flood,
+            Some(FloodLimit {
+                lines_per_sec: 5,
+                burst: 7
+            })
+        );
+        assert_eq!(config.limits.max_overlong, 1);
+        assert_eq!(config.max_clients, 9);
+        assert_eq!(config.shutdown_timeout, Duration::ZERO);
+        assert_eq!(run(server(&["--flood-rate", "0"], None)).limits.flood, None);
+        let err = server(&["--flood-burst", "0"], None).unwrap_err();
+        assert!(err.0.starts_with("--flood-burst"), "{err}");
+    }
+
+    #[test]
     fn no_persist_means_no_store() {
         assert!(run(server(&["--no-persist"], None)).store.is_none());
     }
@@ -398,6 +534,11 @@ mod tests {
             "--port",
             "--max-line",
             "--max-output",
+            "--max-overlong",
+            "--flood-rate",
+            "--flood-burst",
+            "--max-clients",
+            "--shutdown-timeout",
             "--mongo-uri",
             "--mongo-db",
             "--mongo-collection",

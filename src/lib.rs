@@ -33,7 +33,8 @@ pub mod log;
 pub mod persist;
 pub mod protocol;
 pub mod server;
+pub mod telnet;
 
-pub use config::{ClientConfig, ServerConfig, StoreConfig};
+pub use config::{ClientConfig, ClientLimits, FloodLimit, ServerConfig, StoreConfig};
 pub use error::Error;
 pub use server::{RunningServer, Server, ServerHandle};

@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+use crate::config::FloodLimit;
+
 /// Longest nick, in characters.
 pub const MAX_NICK_CHARS: usize = 32;
 
@@ -64,19 +66,77 @@ pub fn parse(line: &str) -> Command<'_> {
 
 /// Makes client bytes safe to show on other people's terminals and to store.
 ///
-/// Invalid UTF-8 becomes U+FFFD. C0 controls other than TAB, DEL and C1 controls are dropped:
-/// without ESC (and the 8-bit CSI/OSC in C1) no terminal escape sequence can survive. The common
-/// case, clean UTF-8, is returned borrowed without copying.
+/// Invalid UTF-8 becomes U+FFFD. Terminal escape sequences (`ESC [ … m`, `ESC ] … BEL`, their
+/// 8-bit C1 forms) are removed whole, so no half of one is left to act on or to clutter the line,
+/// and every other control character except TAB (C0, DEL, C1) is dropped. The common case,
+/// clean UTF-8, is returned borrowed without copying.
 pub fn sanitize(bytes: &[u8]) -> Cow<'_, str> {
     let text = String::from_utf8_lossy(bytes);
     if !text.chars().any(is_forbidden) {
         return text;
     }
-    Cow::Owned(text.chars().filter(|&c| !is_forbidden(c)).collect())
+    Cow::Owned(strip_controls(&text))
 }
 
-fn is_forbidden(c: char) -> bool {
+/// True for the characters that must not reach a terminal.
+pub fn is_forbidden(c: char) -> bool {
     (c.is_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c)
+}
+
+type Chars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
+
+fn strip_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => skip_escape(&mut chars),
+            '\u{9b}' => skip_control_sequence(&mut chars),
+            '\u{90}' | '\u{98}' | '\u{9d}' | '\u{9e}' | '\u{9f}' => skip_string(&mut chars),
+            c if is_forbidden(c) => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Skips what follows an ESC (ECMA-48): a control sequence after `[`, a string after `]`, `P`,
+/// `X`, `^` or `_`, else intermediate bytes and one final byte (`ESC c`, `ESC ( B`).
+fn skip_escape(chars: &mut Chars<'_>) {
+    match chars.peek() {
+        Some('[') => {
+            chars.next();
+            skip_control_sequence(chars);
+        }
+        Some(']' | 'P' | 'X' | '^' | '_') => {
+            chars.next();
+            skip_string(chars);
+        }
+        _ => {
+            while chars.next_if(|c| ('\x20'..='\x2f').contains(c)).is_some() {}
+            chars.next_if(|c| ('\x30'..='\x7e').contains(c));
+        }
+    }
+}
+
+/// Skips the parameter and intermediate bytes of a control sequence and its final byte.
+fn skip_control_sequence(chars: &mut Chars<'_>) {
+    while chars.next_if(|c| ('\x20'..='\x3f').contains(c)).is_some() {}
+    chars.next_if(|c| ('\x40'..='\x7e').contains(c));
+}
+
+/// Skips a string command (OSC, DCS, …) up to its terminator: BEL, ST or the end of the line.
+fn skip_string(chars: &mut Chars<'_>) {
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{7}' | '\u{9c}' => return,
+            '\u{1b}' => {
+                chars.next_if_eq(&'\\');
+                return;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Why a name cannot be used as a nick.
@@ -169,6 +229,24 @@ pub fn line_too_long(max_line: usize) -> String {
     format!("line too long (max {max_line} bytes)")
 }
 
+/// Error to a client refused because the server is at `--max-clients`.
+pub fn server_full(max_clients: usize) -> String {
+    format!("server full ({max_clients} clients); try again later")
+}
+
+/// Error before a client is disconnected for sending overlong lines again and again.
+pub fn too_many_overlong(max_line: usize) -> String {
+    format!("too many lines over {max_line} bytes; disconnecting")
+}
+
+/// Error once per burst to a client over its flood limit.
+pub fn slow_down(limit: FloodLimit) -> String {
+    format!(
+        "slow down: more than {} lines/s (bursts of {}); lines are being dropped",
+        limit.lines_per_sec, limit.burst
+    )
+}
+
 /// Error for a `/word` that is no command (the welcome line already points to `/help`).
 pub const UNKNOWN_COMMAND: &str = "unknown command";
 
@@ -225,10 +303,19 @@ mod tests {
 
     #[test]
     fn sanitize_removes_escapes_and_controls() {
-        assert_eq!(sanitize(b"\x1b[2Jclear"), "[2Jclear");
-        assert_eq!(sanitize(b"\x1b]0;title\x07x"), "]0;titlex");
-        assert_eq!(sanitize(b"a\x00b\x08c\x7fd\re"), "abcde");
-        assert_eq!(sanitize("x\u{9b}31my".as_bytes()), "x31my");
+        assert_eq!(sanitize(b"\x1b[2Jclear"), "clear");
+        assert_eq!(sanitize(b"\x1b[1;31mred\x1b[0m"), "red");
+        assert_eq!(sanitize(b"\x1b]0;title\x07x"), "x");
+        assert_eq!(
+            sanitize(b"\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\"),
+            "link"
+        );
+        assert_eq!(sanitize(b"\x1bcreset \x1b(Bcharset"), "reset charset");
+        assert_eq!(sanitize(b"a\x00b\x08c\x7fd\re\x07f"), "abcdef");
+        assert_eq!(sanitize("x\u{9b}31my".as_bytes()), "xy");
+        assert_eq!(sanitize("x\u{9d}0;t\u{9c}y\u{85}z".as_bytes()), "xyz");
+        assert_eq!(sanitize(b"cut off \x1b]0;never ends"), "cut off ");
+        assert_eq!(sanitize(b"lone escape\x1b"), "lone escape");
     }
 
     #[test]

@@ -179,11 +179,23 @@ fn welcomed(stream: &mut TcpStream, wait: Duration) -> bool {
     stream.read_exact(&mut first).is_ok() && &first == b"* welcome"
 }
 
-/// Out of file descriptors, the server stops accepting; clients waiting in the backlog must be
-/// let in once descriptors are free again, without a further connection to prompt it.
+/// Out of file descriptors, the server stops accepting without spinning; clients waiting in
+/// the backlog must be let in once descriptors are free again, without a further connection to
+/// prompt it. The limit is lowered under the running server (as other use of descriptors would),
+/// because at start the server sizes `--max-clients` to fit its limit.
 #[test]
 fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
-    let (_server, addr) = spawn_server("ulimit -n 16 &&", "--no-persist");
+    let (server, addr) = spawn_server("", "--no-persist");
+    let open = std::fs::read_dir(format!("/proc/{}/fd", server.id()))
+        .expect("list the server's descriptors")
+        .count();
+    let limit = format!("--nofile={0}:{0}", open + 4);
+    let status = Command::new("prlimit")
+        .args(["--pid", &server.id().to_string(), &limit])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success(), "prlimit failed");
+
     let mut clients: Vec<TcpStream> = (0..20)
         .map(|_| TcpStream::connect(addr).expect("connect (the kernel queues it)"))
         .collect();
@@ -200,6 +212,14 @@ fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
         !admitted.is_empty() && !waiting.is_empty(),
         "the limit must bite"
     );
+    // With clients waiting and no descriptor free, the loop must not retry accept flat out.
+    let ticks = server.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = server.cpu_ticks() - ticks;
+    assert!(
+        used < 100,
+        "the server used {used} of 200 CPU ticks in 2 s while out of descriptors"
+    );
     // Closing the admitted clients frees as many descriptors; the backlog is first in, first
     // out, so that many of the waiting clients, oldest first, must now get in.
     let freed = admitted.len().min(waiting.len());
@@ -212,11 +232,53 @@ fn clients_waiting_while_descriptors_ran_out_get_in_when_some_are_freed() {
     }
 }
 
+/// Started with a soft open-file limit far below `--max-clients`, the server raises it to the
+/// hard limit and serves them all; one more is told the server is full and closed, and gets in
+/// once someone leaves.
+#[test]
+fn max_clients_are_served_and_one_more_is_told_the_server_is_full() {
+    let (_server, addr) = spawn_server("ulimit -S -n 80 &&", "--no-persist --max-clients 100");
+    let mut clients: Vec<TcpStream> = Vec::new();
+    for n in 0..100 {
+        let mut client = TcpStream::connect(addr).expect("connect");
+        assert!(
+            welcomed(&mut client, DEADLINE),
+            "client {n} of 100 not let in"
+        );
+        clients.push(client);
+    }
+    let mut extra = TcpStream::connect(addr).expect("connect");
+    extra.write_all(b"let me in\n").unwrap();
+    extra.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut answer = String::new();
+    extra
+        .read_to_string(&mut answer)
+        .expect("answer, then end of stream");
+    assert_eq!(answer, "! server full (100 clients); try again later\r\n");
+
+    drop(clients.pop());
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let mut again = TcpStream::connect(addr).expect("connect");
+        if welcomed(&mut again, DEADLINE) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no one got in after a client left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// SIGTERM right after a burst: clients are told, every accepted message is stored, exit 0.
 #[test]
 fn sigterm_stores_every_accepted_message_and_exits_0() {
     let db = TestDb::start();
-    let flags = format!("--mongo-uri '{}' --mongo-db '{}'", db.uri, db.database);
+    let flags = format!(
+        "--mongo-uri '{}' --mongo-db '{}' --flood-rate 0",
+        db.uri, db.database
+    );
     let (server, addr) = spawn_server("", &flags);
     let (mut alice, mut bob) = alice_and_bob(addr);
     let mut burst = Vec::new();

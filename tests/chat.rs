@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::thread;
 use std::time::Duration;
 
-use common::{alice_and_bob, start_chat_only, start_server, Chat};
+use common::{alice_and_bob, start_chat_only, start_server, start_without_flood_limit, Chat};
 use peerchat::ServerConfig;
 
 #[test]
@@ -124,7 +124,7 @@ fn commands_help_unknown_slash_escape_and_empty_lines() {
 #[test]
 fn overlong_line_is_refused_and_the_connection_keeps_working() {
     let mut config = ServerConfig::local(None);
-    config.max_line = 100;
+    config.limits.max_line = 100;
     let server = start_server(config);
     let (mut alice, mut bob) = alice_and_bob(server.addr);
 
@@ -145,12 +145,158 @@ fn overlong_line_is_refused_and_the_connection_keeps_working() {
     );
 }
 
+/// A client that sends nothing but overlong lines is told each time, then disconnected.
+#[test]
+fn a_client_that_keeps_sending_overlong_lines_is_disconnected() {
+    let mut config = ServerConfig::local(None);
+    config.limits.max_line = 100;
+    let server = start_server(config);
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    for _ in 0..4 {
+        alice.send(&"x".repeat(200));
+    }
+    let lines = alice.read_to_end();
+    assert_eq!(
+        lines,
+        [
+            "! line too long (max 100 bytes)",
+            "! line too long (max 100 bytes)",
+            "! line too long (max 100 bytes)",
+            "! too many lines over 100 bytes; disconnecting",
+        ]
+    );
+    assert_eq!(bob.line(), "* alice left");
+}
+
+/// What reaches another client never holds a byte a terminal would act on: escape sequences
+/// are removed whole, other controls dropped, invalid UTF-8 replaced, and a line with nothing
+/// left is not sent at all.
 #[test]
 fn control_bytes_and_invalid_utf8_do_not_reach_other_terminals() {
     let server = start_chat_only();
     let (mut alice, mut bob) = alice_and_bob(server.addr);
-    alice.send_bytes(b"\x1b[2Jhi\x07 \xff there\n");
-    assert_eq!(bob.line(), "<alice> [2Jhi \u{fffd} there");
+    let hostile: [(&[u8], &str); 6] = [
+        (b"\x1b[2J\x1b[1;31mred\x1b[0m alert", "red alert"),
+        (b"\x1b]0;pwned\x07title", "title"),
+        (b"\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\", "link"),
+        (
+            b"bell\x07 back\x08space nul\x00 cr\rend\x7f",
+            "bell backspace nul crend",
+        ),
+        ("c1\u{9b}31m \u{85}csi".as_bytes(), "c1 csi"),
+        (b"\xff bad \xc3 utf8", "\u{fffd} bad \u{fffd} utf8"),
+    ];
+    for (bytes, _) in &hostile {
+        alice.send_bytes(bytes);
+        alice.send_bytes(b"\n");
+    }
+    alice.send_bytes(b"\x1b[2J\x07\x1b]0;only an escape\x07\n"); // nothing left: not sent
+    for (_, expected) in &hostile {
+        assert_eq!(bob.line(), format!("<alice> {expected}"));
+    }
+    assert!(bob.sync().is_empty(), "an empty line was delivered");
+}
+
+/// Negotiation commands a real telnet client sends (here split across two writes) are removed
+/// before the line is read, not passed on to others.
+#[test]
+fn telnet_commands_are_removed() {
+    let server = start_chat_only();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    alice.send_bytes(b"\xff\xfd\x03\xff\xfb\x18\xff\xfa\x18\x00XTE");
+    thread::sleep(Duration::from_millis(50));
+    alice.send_bytes(b"RM\xff\xf0hello\xff\xf4 there\r\n");
+    assert_eq!(bob.line(), "<alice> hello there");
+}
+
+/// Past its burst, a flooding client's lines are dropped with one warning per burst; /quit
+/// still works.
+#[test]
+fn a_flood_is_cut_to_the_limit_with_one_warning_per_burst() {
+    let server = start_chat_only(); // defaults: 20 lines/s, bursts of 40
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    let burst = |alice: &mut Chat, tag: &str| {
+        let lines: String = (0..100).map(|n| format!("{tag} {n}\n")).collect();
+        alice.send_bytes(lines.as_bytes());
+    };
+    burst(&mut alice, "first");
+    assert_eq!(
+        alice.line(),
+        "! slow down: more than 20 lines/s (bursts of 40); lines are being dropped"
+    );
+    let delivered = count_until_quiet(&mut bob, "first");
+    // The burst, less the /nick and /who alice sent on joining, is let through; a few more only
+    // if the machine took long enough for tokens to come back.
+    assert!((38..60).contains(&delivered), "{delivered} delivered");
+    alice.expect_silence(Duration::from_millis(200)); // one warning, not one per line
+
+    thread::sleep(Duration::from_millis(2100)); // the bucket refills: warnings re-arm
+    burst(&mut alice, "second");
+    assert!(alice.line().starts_with("! slow down"));
+    let delivered = count_until_quiet(&mut bob, "second");
+    assert!((40..60).contains(&delivered), "{delivered} delivered");
+    alice.send("/quit");
+    assert_eq!(alice.read_to_end(), ["* bye"]);
+}
+
+/// Reads `<alice> TAG N` lines in order until none arrives for a moment; returns the count.
+fn count_until_quiet(chat: &mut Chat, tag: &str) -> usize {
+    let mut count = 0;
+    while let Some(line) = chat.try_line(Duration::from_millis(500)) {
+        assert_eq!(line, format!("<alice> {tag} {count}"));
+        count += 1;
+    }
+    count
+}
+
+/// A client that half-closes still gets its last output; one that resets in the middle of a
+/// large write and some that vanish at once are all cleaned up, and the rest chat on.
+#[test]
+fn half_closed_reset_and_vanished_clients_are_cleaned_up() {
+    let server = start_without_flood_limit();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+
+    let mut carol = Chat::named(server.addr, "carol");
+    carol.send("last words");
+    carol.send("/who");
+    carol.shutdown_write();
+    let carol_saw = carol.read_to_end();
+    assert!(
+        carol_saw.iter().any(|l| l.contains(" online: ")),
+        "a half-closed client still gets its answers: {carol_saw:?}"
+    );
+    let carol_said = bob.wait_for(|l| l.starts_with("<carol>"));
+    assert_eq!(carol_said, "<carol> last words");
+    assert_eq!(bob.line(), "* carol left");
+
+    let dave = Chat::named(server.addr, "dave");
+    let big = "y".repeat(4000);
+    for _ in 0..100 {
+        alice.send(&big); // 400 KB dave never reads: the server is mid-write to him
+    }
+    dave.reset();
+    for _ in 0..20 {
+        let mut ghost = std::net::TcpStream::connect(server.addr).unwrap();
+        std::io::Write::write_all(&mut ghost, b"half a li").unwrap();
+    }
+    alice.send("still here");
+    assert_eq!(
+        bob.wait_for(|l| l.ends_with("still here")),
+        "<alice> still here"
+    );
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        alice.send("/who");
+        let online = alice.wait_for(|l| l.contains(" online: "));
+        if online == "* 2 online: alice, bob" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still listed: {online}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// 60 clients send 10 messages each; every client receives every other client's messages, in
@@ -213,7 +359,7 @@ fn parse_numbered(line: &str) -> (&str, usize) {
 fn a_client_that_never_reads_is_disconnected_and_others_keep_receiving() {
     const LINES: usize = 4000; // 16 MB: far more than socket buffers plus the 1 MiB output limit
     const WINDOW: usize = 100;
-    let server = start_chat_only();
+    let server = start_without_flood_limit();
     let mut stuck = Chat::named(server.addr, "stuck");
     let mut talker = Chat::named(server.addr, "talker");
     let mut reader = Chat::named(server.addr, "reader");
@@ -265,7 +411,7 @@ fn a_client_that_never_reads_is_disconnected_and_others_keep_receiving() {
 #[test]
 fn a_flood_does_not_cut_off_clients_that_keep_reading() {
     const LINES: usize = 100_000;
-    let server = start_chat_only();
+    let server = start_without_flood_limit();
     let readers: Vec<_> = (0..2)
         .map(|_| {
             let mut chat = Chat::connect(server.addr);

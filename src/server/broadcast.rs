@@ -6,12 +6,15 @@
 //! recipient, not one per message per recipient.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::connection::{CloseReason, Connection};
+use super::flood::Verdict;
 use super::inbox::ClientRef;
+use crate::config::ClientLimits;
 use crate::protocol;
 
 /// Tokens below this are the listener and the waker; client slot `n` has token `n + FIRST`.
@@ -30,12 +33,11 @@ pub struct Room {
     to_reap: Vec<usize>,
     /// Where a line is encoded once before being copied to recipients.
     line: Vec<u8>,
-    max_line: usize,
-    max_output: usize,
+    limits: ClientLimits,
 }
 
 impl Room {
-    pub fn new(max_line: usize, max_output: usize) -> Self {
+    pub fn new(limits: ClientLimits) -> Self {
         Room {
             slots: Vec::new(),
             free: Vec::new(),
@@ -43,8 +45,7 @@ impl Room {
             to_flush: Vec::new(),
             to_reap: Vec::new(),
             line: Vec::new(),
-            max_line,
-            max_output,
+            limits,
         }
     }
 
@@ -54,11 +55,12 @@ impl Room {
         socket: TcpStream,
         addr: SocketAddr,
         registry: &Registry,
+        now: Instant,
     ) -> std::io::Result<usize> {
         let slot = self.free.pop().unwrap_or(self.slots.len());
         let token = Token(slot + FIRST_CLIENT_TOKEN);
         let id = self.next_id;
-        let conn = match Connection::new(socket, addr, token, id, registry, self.max_line) {
+        let conn = match Connection::new(socket, addr, token, id, registry, &self.limits, now) {
             Ok(conn) => conn,
             Err(err) => {
                 if slot < self.slots.len() {
@@ -74,6 +76,21 @@ impl Room {
             self.slots[slot] = Some(conn);
         }
         Ok(slot)
+    }
+
+    pub fn limits(&self) -> &ClientLimits {
+        &self.limits
+    }
+
+    /// Takes a flood-control token for a line from `slot`.
+    pub fn take_flood_token(&mut self, slot: usize, now: Instant) -> Verdict {
+        let Some(limit) = self.limits.flood else {
+            return Verdict::Allowed;
+        };
+        match self.get_mut(slot) {
+            Some(conn) => conn.take_flood_token(limit, now),
+            None => Verdict::Dropped { warn: false },
+        }
     }
 
     /// The slot of a client token, if it is one.
@@ -194,7 +211,7 @@ impl Room {
         for conn in self.slots.iter_mut().flatten() {
             freed += conn.shrink_if_idle();
         }
-        if self.line.capacity() > self.max_line * 2 + 64 {
+        if self.line.capacity() > self.limits.max_line * 2 + 64 {
             freed += self.line.capacity();
             self.line = Vec::new();
         }
@@ -232,7 +249,7 @@ impl Room {
         if conn.closing().is_some() {
             return;
         }
-        if !conn.queue(&self.line, self.max_output) {
+        if !conn.queue(&self.line, self.limits.max_output) {
             self.to_reap.push(slot);
         } else if !conn.flush_scheduled {
             conn.flush_scheduled = true;

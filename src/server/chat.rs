@@ -4,11 +4,13 @@
 //! it only queues lines in the room and hands messages to the persistence queue.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use time::OffsetDateTime;
 
 use super::broadcast::Room;
 use super::connection::CloseReason;
+use super::flood::Verdict;
 use super::inbox::SaveFailure;
 use crate::persist::{Persister, Record, SubmitError};
 use crate::protocol::{self, Command};
@@ -27,10 +29,22 @@ pub fn left(room: &mut Room, name: &str) {
     room.notice_all(None, &protocol::left(name));
 }
 
-/// Applies one line from the client in `slot`.
-pub fn line(room: &mut Room, persister: Option<&Persister>, slot: usize, bytes: &[u8]) {
+/// Applies one line from the client in `slot`, received at `now`.
+pub fn line(
+    room: &mut Room,
+    persister: Option<&Persister>,
+    slot: usize,
+    bytes: &[u8],
+    now: Instant,
+) {
     let text = protocol::sanitize(bytes);
-    match protocol::parse(&text) {
+    let command = protocol::parse(&text);
+    // Blank lines do nothing, and /quit should work even for a client over its limit.
+    let free = matches!(command, Command::Empty | Command::Quit);
+    if !free && !within_flood_limit(room, slot, now) {
+        return;
+    }
+    match command {
         Command::Chat(message) => chat(room, persister, slot, message),
         Command::Nick(name) => nick(room, slot, name),
         Command::Who => {
@@ -52,9 +66,32 @@ pub fn line(room: &mut Room, persister: Option<&Persister>, slot: usize, bytes: 
     }
 }
 
-/// Tells the client its line was too long and dropped.
-pub fn too_long(room: &mut Room, slot: usize, max_line: usize) {
-    room.error(slot, &protocol::line_too_long(max_line));
+/// Tells the client its line was too long and dropped; disconnects a client that keeps
+/// sending them.
+pub fn too_long(room: &mut Room, slot: usize) {
+    let limits = *room.limits();
+    let Some(count) = room.get_mut(slot).map(|conn| conn.note_overlong()) else {
+        return;
+    };
+    if count > limits.max_overlong {
+        room.error(slot, &protocol::too_many_overlong(limits.max_line));
+        room.close(slot, CloseReason::TooManyOverlong);
+    } else {
+        room.error(slot, &protocol::line_too_long(limits.max_line));
+    }
+}
+
+/// Takes a flood-control token for the line; warns once per burst when there is none.
+fn within_flood_limit(room: &mut Room, slot: usize, now: Instant) -> bool {
+    match room.take_flood_token(slot, now) {
+        Verdict::Allowed => true,
+        Verdict::Dropped { warn } => {
+            if let (true, Some(limit)) = (warn, room.limits().flood) {
+                room.error(slot, &protocol::slow_down(limit));
+            }
+            false
+        }
+    }
 }
 
 /// Reports messages that could not be stored to their senders, if still connected.

@@ -8,11 +8,15 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use super::flood::{TokenBucket, Verdict};
+use crate::config::{ClientLimits, FloodLimit};
 use crate::framing::{Frame, LineFramer};
+use crate::telnet::{TelnetFilter, HEADROOM};
 
 /// Why a connection is being closed; decides whether pending output is flushed first and what
 /// the log says.
@@ -28,6 +32,8 @@ pub enum CloseReason {
     WriteError(ErrorKind),
     /// The client did not read and its pending output passed `--max-output`.
     SlowConsumer,
+    /// The client kept sending lines over `--max-line`.
+    TooManyOverlong,
     /// The server is stopping.
     Shutdown,
 }
@@ -38,7 +44,10 @@ impl CloseReason {
     pub fn flushes_first(self) -> bool {
         matches!(
             self,
-            CloseReason::PeerClosed | CloseReason::Quit | CloseReason::Shutdown
+            CloseReason::PeerClosed
+                | CloseReason::Quit
+                | CloseReason::TooManyOverlong
+                | CloseReason::Shutdown
         )
     }
 
@@ -50,6 +59,7 @@ impl CloseReason {
             CloseReason::ReadError(kind) => format!("read error: {kind}"),
             CloseReason::WriteError(kind) => format!("write error: {kind}"),
             CloseReason::SlowConsumer => "slow consumer: output limit reached".to_string(),
+            CloseReason::TooManyOverlong => "too many overlong lines".to_string(),
             CloseReason::Shutdown => "server shutting down".to_string(),
         }
     }
@@ -194,8 +204,13 @@ pub struct Connection {
     addr: SocketAddr,
     /// The name shown as `<NAME>`: the nick, or `IP:PORT` until one is set.
     pub name: String,
+    telnet: TelnetFilter,
     framer: LineFramer,
     output: OutputBuffer,
+    /// Flood control; `None` when it is off.
+    bucket: Option<TokenBucket>,
+    /// Overlong lines sent so far.
+    overlong_lines: u32,
     closing: Option<CloseReason>,
     /// Registered for writable events, which is only while output is blocked.
     wants_writable: bool,
@@ -213,7 +228,8 @@ impl Connection {
         token: Token,
         id: u64,
         registry: &Registry,
-        max_line: usize,
+        limits: &ClientLimits,
+        now: Instant,
     ) -> io::Result<Self> {
         registry.register(&mut socket, token, Interest::READABLE)?;
         // Chat lines are small and latency matters; output is already coalesced per turn.
@@ -224,8 +240,11 @@ impl Connection {
             id,
             addr,
             name: addr.to_string(),
-            framer: LineFramer::new(max_line),
+            telnet: TelnetFilter::default(),
+            framer: LineFramer::new(limits.max_line),
             output: OutputBuffer::default(),
+            bucket: limits.flood.map(|limit| TokenBucket::full(limit, now)),
+            overlong_lines: 0,
             closing: None,
             wants_writable: false,
             flush_scheduled: false,
@@ -254,7 +273,22 @@ impl Connection {
         true
     }
 
-    /// Reads up to `budget` bytes through `scratch` and appends the lines found to `batch`.
+    /// Takes a flood-control token for one line (always allowed when flood control is off).
+    pub fn take_flood_token(&mut self, limit: FloodLimit, now: Instant) -> Verdict {
+        match &mut self.bucket {
+            Some(bucket) => bucket.take(limit, now),
+            None => Verdict::Allowed,
+        }
+    }
+
+    /// Counts one more overlong line and returns how many there have been.
+    pub fn note_overlong(&mut self) -> u32 {
+        self.overlong_lines += 1;
+        self.overlong_lines
+    }
+
+    /// Reads up to `budget` bytes through `scratch`, removes telnet commands and appends the
+    /// lines found to `batch`.
     pub fn read(
         &mut self,
         scratch: &mut [u8],
@@ -264,11 +298,11 @@ impl Connection {
         let mut total = 0;
         self.active_since_sweep = true;
         while total < budget {
-            match self.socket.read(scratch) {
+            match self.socket.read(&mut scratch[HEADROOM..]) {
                 Ok(0) => return ReadOutcome::Closed(CloseReason::PeerClosed),
                 Ok(n) => {
                     total += n;
-                    let mut input = &scratch[..n];
+                    let mut input = self.telnet.filter(&mut scratch[..HEADROOM + n]);
                     while let Some(frame) = self.framer.next_frame(&mut input) {
                         batch.push(frame);
                     }
@@ -351,6 +385,20 @@ impl Connection {
             return 0;
         }
         self.output.shrink_if_idle() + self.framer.shrink_if_idle()
+    }
+
+    /// Ends a connection whose output is all written with a FIN. Unread input is read and
+    /// discarded first: closing a socket with unread input makes the kernel send a reset, which
+    /// can destroy the last lines before the client reads them.
+    pub fn say_goodbye(&mut self) {
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match self.socket.read(&mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        let _ = self.socket.shutdown(std::net::Shutdown::Write);
     }
 
     /// Removes the socket from the poll; the socket closes when the connection is dropped.

@@ -6,18 +6,22 @@
 //! until `WouldBlock`; a client that still has input after its per-turn budget is read again
 //! next turn without waiting, so one flooding client cannot starve the rest.
 
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpListener;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::broadcast::Room;
 use super::chat;
-use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
+use super::connection::{CloseReason, Connection, FlushOutcome, Input, InputBatch, ReadOutcome};
 use super::heap;
 use super::inbox::{ClientRef, Inbox, LoopInput};
+use crate::config::ClientLimits;
 use crate::persist::Persister;
+use crate::protocol;
+use crate::telnet::HEADROOM;
 use crate::{error, info, warn};
 
 pub const LISTENER: Token = Token(0);
@@ -39,8 +43,8 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Freed buffer bytes in one sweep that make returning free heap memory to the OS worthwhile.
 const TRIM_AFTER_FREEING: usize = 256 * 1024;
-/// How long persistence may take to store what was queued at shutdown.
-const PERSIST_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a stopping server looks at its inbox while waiting for slow clients.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
 /// The state one thread owns while serving.
 pub struct EventLoop {
@@ -49,7 +53,8 @@ pub struct EventLoop {
     pub(super) inbox: Inbox,
     pub(super) persister: Option<Persister>,
     pub(super) room: Room,
-    pub(super) max_line: usize,
+    max_clients: usize,
+    shutdown_timeout: Duration,
     scratch: Vec<u8>,
     batch: InputBatch,
     /// Clients whose read budget ran out; read again next turn.
@@ -58,6 +63,10 @@ pub struct EventLoop {
     last_sweep: Instant,
     /// The last accept failed (e.g. EMFILE); retry every turn and at least every ACCEPT_RETRY.
     accept_failing: bool,
+    /// At `max_clients`: new clients are being refused (logged once per episode).
+    refusing: bool,
+    /// When this turn's events arrived: the time flood control charges lines at.
+    now: Instant,
     running: bool,
 }
 
@@ -68,8 +77,9 @@ impl EventLoop {
         mut listener: TcpListener,
         inbox: Inbox,
         persister: Option<Persister>,
-        max_line: usize,
-        max_output: usize,
+        limits: ClientLimits,
+        max_clients: usize,
+        shutdown_timeout: Duration,
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -78,14 +88,17 @@ impl EventLoop {
             listener,
             inbox,
             persister,
-            room: Room::new(max_line, max_output),
-            max_line,
-            scratch: vec![0; READ_CHUNK],
+            room: Room::new(limits),
+            max_clients,
+            shutdown_timeout,
+            scratch: vec![0; HEADROOM + READ_CHUNK],
             batch: InputBatch::default(),
             read_again: Vec::new(),
             flush_list: Vec::new(),
             last_sweep: Instant::now(),
             accept_failing: false,
+            refusing: false,
+            now: Instant::now(),
             running: true,
         })
     }
@@ -107,6 +120,7 @@ impl EventLoop {
                 }
                 return Err(err);
             }
+            self.now = Instant::now();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -150,13 +164,7 @@ impl EventLoop {
     fn accept_all(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((socket, addr)) => match self.room.add(socket, addr, self.poll.registry()) {
-                    Ok(slot) => {
-                        info!("client {addr} connected ({} online)", self.room.len());
-                        chat::joined(&mut self.room, slot);
-                    }
-                    Err(err) => warn!("could not set up client {addr}: {err}"),
-                },
+                Ok((socket, addr)) => self.admit(socket, addr),
                 Err(err) if err.kind() == ErrorKind::WouldBlock => {
                     if std::mem::take(&mut self.accept_failing) {
                         info!("accepting connections again");
@@ -175,6 +183,42 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Adds a new client to the room, or refuses it when the server is full.
+    fn admit(&mut self, socket: TcpStream, addr: SocketAddr) {
+        if self.room.len() >= self.max_clients {
+            return self.refuse(socket);
+        }
+        if std::mem::take(&mut self.refusing) {
+            info!("below --max-clients again: accepting new clients");
+        }
+        match self.room.add(socket, addr, self.poll.registry(), self.now) {
+            Ok(slot) => {
+                info!("client {addr} connected ({} online)", self.room.len());
+                chat::joined(&mut self.room, slot);
+            }
+            Err(err) => warn!("could not set up client {addr}: {err}"),
+        }
+    }
+
+    /// Tells a client over `--max-clients` that the server is full and closes it, without ever
+    /// registering it. One short line always fits in a new socket's send buffer.
+    fn refuse(&mut self, mut socket: TcpStream) {
+        if !self.refusing {
+            warn!(
+                "server full ({} clients, --max-clients): refusing new clients",
+                self.max_clients
+            );
+            self.refusing = true;
+        }
+        let mut line = Vec::new();
+        protocol::write_error(&mut line, &protocol::server_full(self.max_clients));
+        let _ = socket.write(&line);
+        // Whatever the client already sent would turn the close into a reset that can destroy
+        // the line above before the client reads it.
+        let _ = socket.read(&mut self.scratch);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
     }
 
     fn drain_inbox(&mut self) {
@@ -225,8 +269,9 @@ impl EventLoop {
                     self.persister.as_ref(),
                     slot,
                     self.batch.line(range),
+                    self.now,
                 ),
-                Input::TooLong => chat::too_long(&mut self.room, slot, self.max_line),
+                Input::TooLong => chat::too_long(&mut self.room, slot),
             }
         }
         match outcome {
@@ -289,8 +334,8 @@ impl EventLoop {
     fn reap_closed(&mut self) {
         for mut conn in self.room.take_closed() {
             let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
-            if reason.flushes_first() {
-                let _ = conn.flush();
+            if reason.flushes_first() && conn.flush() == FlushOutcome::Done {
+                conn.say_goodbye();
             }
             conn.deregister(self.poll.registry());
             info!(
@@ -303,33 +348,68 @@ impl EventLoop {
         }
     }
 
-    /// Says goodbye to every client, writes what it can without waiting, and lets persistence
-    /// store what was already accepted.
+    /// Stops accepting, says goodbye to every client and gives them up to `--shutdown-timeout`
+    /// to take their last output, while persistence stores what was already accepted; then
+    /// waits for persistence within what is left of that time.
     fn shut_down(&mut self) {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let _ = self.poll.registry().deregister(&mut self.listener);
         let slots = self.room.slots_in_use();
         info!("shutting down; {} clients connected", slots.len());
         for &slot in &slots {
             self.room.notice(slot, "server shutting down");
-        }
-        for slot in slots {
             self.room.close(slot, CloseReason::Shutdown);
         }
-        for mut conn in self.room.take_closed() {
-            let _ = conn.flush();
-            conn.deregister(self.poll.registry());
+        let mut leaving = self.room.take_closed();
+        self.flush_until(&mut leaving, deadline);
+        if !leaving.is_empty() {
+            warn!(
+                "{} clients did not take their last output within --shutdown-timeout",
+                leaving.len()
+            );
         }
+        drop(leaving);
         if let Some(persister) = self.persister.take() {
             // Clients are gone: late failure reports have no one to go to.
             let inbox = &self.inbox;
             let discard_reports = || while inbox.next().is_some() {};
-            match persister.finish(PERSIST_DRAIN_TIMEOUT, discard_reports) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match persister.finish(left, discard_reports) {
                 Ok(stats) => info!(
                     "persistence stopped: {} messages saved, {} not saved",
                     stats.saved, stats.failed
                 ),
                 Err(unsettled) => warn!(
-                    "persistence still busy after {PERSIST_DRAIN_TIMEOUT:?}: {unsettled} accepted messages not confirmed stored"
+                    "persistence still busy at --shutdown-timeout: {unsettled} accepted messages not confirmed stored"
                 ),
+            }
+        }
+    }
+
+    /// Writes the connections' last output, waiting for writable sockets until `deadline`;
+    /// the connections done with are closed. The inbox is drained meanwhile so the
+    /// persistence thread never blocks on it.
+    fn flush_until(&mut self, leaving: &mut Vec<Connection>, deadline: Instant) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        loop {
+            let registry = self.poll.registry();
+            leaving.retain_mut(|conn| match conn.flush() {
+                FlushOutcome::Blocked => conn.set_wants_writable(registry, true).is_ok(),
+                FlushOutcome::Done => {
+                    conn.say_goodbye();
+                    false
+                }
+                FlushOutcome::Failed(_) => false,
+            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            if leaving.is_empty() || left.is_zero() {
+                return;
+            }
+            while self.inbox.next().is_some() {}
+            if let Err(err) = self.poll.poll(&mut events, Some(left.min(SHUTDOWN_POLL))) {
+                if err.kind() != ErrorKind::Interrupted {
+                    return;
+                }
             }
         }
     }

@@ -8,6 +8,8 @@ mod broadcast;
 mod chat;
 mod connection;
 mod event_loop;
+mod fd_limit;
+mod flood;
 mod heap;
 pub mod inbox;
 
@@ -101,13 +103,16 @@ impl Server {
                 None
             }
         };
+        let max_clients =
+            fd_limit::max_clients(config.max_clients, fd_limit::raise_open_file_limit());
         let event_loop = EventLoop::new(
             poll,
             listener,
             inbox,
             persister,
-            config.max_line,
-            config.max_output,
+            config.limits,
+            max_clients,
+            config.shutdown_timeout,
         )?;
         Ok(Server {
             event_loop,

@@ -39,6 +39,13 @@ pub fn start_chat_only() -> RunningServer {
     start_server(ServerConfig::local(None))
 }
 
+/// A server without persistence or flood control, for tests that send faster than a person.
+pub fn start_without_flood_limit() -> RunningServer {
+    let mut config = ServerConfig::local(None);
+    config.limits.flood = None;
+    start_server(config)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Line client
 
@@ -156,6 +163,34 @@ impl Chat {
         if let Some(line) = self.try_line(wait) {
             panic!("{}: expected nothing, got {line:?}", self.name);
         }
+    }
+
+    /// Closes the sending half: the server sees end of input, the client can still read.
+    pub fn shutdown_write(&self) {
+        self.writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown write");
+    }
+
+    /// Closes the connection with a reset (SO_LINGER 0) instead of a FIN, as a crashed client
+    /// or a middlebox would.
+    pub fn reset(self) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads `linger` only, and the descriptor is this open socket.
+        let status = unsafe {
+            libc::setsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(status, 0, "setsockopt SO_LINGER");
     }
 
     /// The socket, for tests that read raw bytes. Nothing may be left in the line buffer.
