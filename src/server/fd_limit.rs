@@ -35,6 +35,7 @@ pub fn raise_open_file_limit() -> Option<u64> {
             }
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on some targets
     Some(limit.rlim_cur as u64)
 }
 
@@ -75,7 +76,9 @@ mod tests {
         };
         // SAFETY: as above.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) };
-        assert_eq!(now.rlim_cur as u64, limit);
+        #[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on some targets
+        let current = now.rlim_cur as u64;
+        assert_eq!(current, limit);
         assert!(
             now.rlim_cur == now.rlim_max || now.rlim_max == libc::RLIM_INFINITY,
             "soft {} hard {}",
