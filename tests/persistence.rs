@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
@@ -67,6 +67,18 @@ fn each_message_is_stored_once_with_its_metadata() {
         i32::from(anon.local_addr().port())
     );
     server.stop().unwrap();
+}
+
+/// The stored content is the same sanitised text the other clients saw.
+#[test]
+fn the_stored_content_is_the_sanitised_text() {
+    let db = TestDb::start();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    alice.send_bytes(b"\x1b[31mred\x1b[0m\x07 \xff text\n");
+    assert_eq!(bob.line(), "<alice> red \u{fffd} text");
+    let stored = db.wait_for_stored(1);
+    assert_eq!(stored[0].get_str("content").unwrap(), "red \u{fffd} text");
 }
 
 #[test]
@@ -243,6 +255,98 @@ fn a_hung_database_is_reported_and_saving_resumes_when_it_answers_again() {
         std::thread::sleep(Duration::from_millis(300));
     }
     drop(db); // kill before the server's shutdown waits on it
+}
+
+/// Inserts that take 1.5 s each (under the 3 s a batch is given) slow saving down, never the
+/// chat, and nothing is reported lost.
+#[test]
+fn a_slow_database_delays_saving_but_never_the_chat() {
+    let db = TestDb::start_own();
+    let server = start_server(ServerConfig::local(Some(db.store_config())));
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    db.slow_inserts(Some(1500));
+    for n in 0..10 {
+        alice.send(&format!("slowly stored {n}"));
+        assert_eq!(bob.line(), format!("<alice> slowly stored {n}"));
+        bob.send(&format!("answer {n}"));
+        assert_eq!(alice.line(), format!("<bob> answer {n}"));
+    }
+    let stored = db.wait_for_stored(20);
+    assert_eq!(stored.len(), 20, "ten messages each from alice and bob");
+    db.slow_inserts(None);
+    assert!(
+        alice.sync().is_empty(),
+        "a slow database is no failure: nothing may be reported"
+    );
+}
+
+/// The database is killed with messages in flight and restarted on the same port with its data.
+/// Every message must end up stored exactly once or reported to its sender; no third outcome.
+#[test]
+fn killed_mid_run_every_message_is_stored_once_or_reported() {
+    const TOTAL: usize = 300;
+    let mut db = TestDb::start_own_on_disk();
+    let mut config = ServerConfig::local(Some(db.store_config()));
+    config.limits.flood = None;
+    let server = start_server(config);
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    for n in 0..TOTAL {
+        match n {
+            100 => db.kill(),
+            200 => db.restart(),
+            _ => {}
+        }
+        alice.send(&format!("m{n}"));
+        // Down for 3 s, well past the 1 s timeout, so the outage costs messages for sure.
+        let outage = (100..200).contains(&n);
+        std::thread::sleep(Duration::from_millis(if outage { 30 } else { 10 }));
+    }
+    assert_eq!(bob.wait_for(|l| l == "<alice> m299"), "<alice> m299");
+
+    let mut reported = HashSet::new();
+    let deadline = Instant::now() + 2 * common::DEADLINE;
+    let stored_counts = loop {
+        while let Some(line) = alice.try_line(Duration::from_millis(200)) {
+            let quoted = line.strip_prefix("! not saved: \"").expect("only reports");
+            let (content, _) = quoted.split_once('"').unwrap();
+            assert!(
+                reported.insert(content.to_string()),
+                "reported twice: {line}"
+            );
+        }
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for doc in db.stored() {
+            *counts
+                .entry(doc.get_str("content").unwrap().to_string())
+                .or_default() += 1;
+        }
+        let unsettled: Vec<String> = (0..TOTAL)
+            .map(|n| format!("m{n}"))
+            .filter(|m| !counts.contains_key(m) && !reported.contains(m))
+            .collect();
+        if unsettled.is_empty() {
+            break counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither stored nor reported: {unsettled:?}"
+        );
+    };
+    let twice: Vec<_> = stored_counts.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    assert!(
+        !reported.is_empty(),
+        "the outage must have cost some messages"
+    );
+    assert!(
+        stored_counts.contains_key("m0") && stored_counts.contains_key("m99"),
+        "what was stored before the crash survives it"
+    );
+    eprintln!(
+        "kill mid-run: {} stored once, {} reported not saved",
+        stored_counts.len(),
+        reported.len()
+    );
 }
 
 #[test]

@@ -114,6 +114,12 @@ fn connect(config: &StoreConfig) -> Result<Collection<Document>, DbError> {
     options.server_selection_timeout = Some(config.timeout);
     options.connect_timeout = Some(config.timeout);
     options.app_name = Some("peerchat".to_string());
+    // An acknowledged message must survive a database crash, so an insert returns once it is
+    // in the on-disk journal, unless the URI asks otherwise (`journal=false`). Without this a
+    // killed database lost messages it had acknowledged moments before.
+    let mut concern = options.write_concern.take().unwrap_or_default();
+    concern.journal.get_or_insert(true);
+    options.write_concern = Some(concern);
     let client = Client::with_options(options)?;
     Ok(client
         .database(&config.database)

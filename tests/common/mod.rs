@@ -438,6 +438,30 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Makes every `insert` wait `millis` before it runs, like a database under heavy load,
+    /// until turned off with `None`.
+    pub fn slow_inserts(&self, millis: Option<i32>) {
+        let command = match millis {
+            Some(millis) => doc! {
+                "configureFailPoint": "failCommand",
+                "mode": "alwaysOn",
+                "data": {
+                    "failCommands": ["insert"],
+                    "blockConnection": true,
+                    "blockTimeMS": millis,
+                },
+            },
+            None => doc! { "configureFailPoint": "failCommand", "mode": "off" },
+        };
+        self.client()
+            .database("admin")
+            .run_command(command)
+            .run()
+            .expect("configureFailPoint (is the server started with --enable-test-commands?)");
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if self.owned {
