@@ -5,6 +5,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
+use std::thread;
 use std::time::Duration;
 
 use common::process::{run_bounded, spawn_server, SERVER};
@@ -271,7 +272,65 @@ fn max_clients_are_served_and_one_more_is_told_the_server_is_full() {
     }
 }
 
-/// SIGTERM right after a burst: clients are told, every accepted message is stored, exit 0.
+/// The talker stays at most `WINDOW` lines ahead of the reader, so only the client that never
+/// reads can pile up output.
+///
+/// Runs the binary to measure its peak memory: 64 MB of chat flows, the stuck client may hold
+/// at most 1 MiB of it (plus socket buffers), so the server stays far below 128 MB.
+#[test]
+fn a_client_that_never_reads_is_disconnected_and_others_keep_receiving() {
+    const LINES: usize = 16_000; // 64 MB: far more than socket buffers plus the 1 MiB output limit
+    const WINDOW: usize = 100;
+    let (server, addr) = spawn_server("", "--no-persist --flood-rate 0");
+    let mut stuck = Chat::named(addr, "stuck");
+    let mut talker = Chat::named(addr, "talker");
+    let mut reader = Chat::named(addr, "reader");
+    stuck.sync();
+    talker.sync();
+    let (progress, received) = std::sync::mpsc::channel();
+    let reader_thread = thread::spawn(move || {
+        let mut chat_lines = 0;
+        let mut saw_left = false;
+        while chat_lines < LINES {
+            let got = reader.line();
+            if got == "* stuck left" {
+                saw_left = true;
+                continue;
+            }
+            assert_eq!(got.len(), "<talker> ".len() + 4000);
+            chat_lines += 1;
+            if chat_lines % WINDOW == 0 {
+                progress.send(chat_lines).unwrap();
+            }
+        }
+        saw_left || reader.wait_for(|l| l == "* stuck left") == "* stuck left"
+    });
+    let line = "x".repeat(4000);
+    let mut acknowledged = 0;
+    for sent in 0..LINES {
+        while sent >= acknowledged + 2 * WINDOW {
+            acknowledged = received.recv_timeout(DEADLINE).expect("reader progress");
+        }
+        talker.send(&line);
+    }
+    assert!(
+        reader_thread.join().expect("reader"),
+        "others are told the slow client left"
+    );
+    let seen = stuck.read_to_end();
+    assert!(
+        seen.len() < LINES,
+        "the stuck client cannot have received everything"
+    );
+    let peak_kib = server.memory_kib("VmHWM");
+    assert!(
+        peak_kib < 128 * 1024,
+        "server peak RSS {peak_kib} KiB while 64 MB of chat flowed"
+    );
+}
+
+/// SIGTERM right after a burst: clients are told, every accepted message is stored, the log
+/// says so, exit 0.
 #[test]
 fn sigterm_stores_every_accepted_message_and_exits_0() {
     let db = TestDb::start();
@@ -279,7 +338,7 @@ fn sigterm_stores_every_accepted_message_and_exits_0() {
         "--mongo-uri '{}' --mongo-db '{}' --flood-rate 0",
         db.uri, db.database
     );
-    let (server, addr) = spawn_server("", &flags);
+    let (mut server, addr) = spawn_server("", &flags);
     let (mut alice, mut bob) = alice_and_bob(addr);
     let mut burst = Vec::new();
     for n in 0..500 {
@@ -290,20 +349,76 @@ fn sigterm_stores_every_accepted_message_and_exits_0() {
         bob.wait_for(|line| line.ends_with("burst message 499")),
         "<alice> burst message 499"
     );
-    let status = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    server.signal("-TERM");
     assert!(bob
         .read_to_end()
         .contains(&"* server shutting down".to_string()));
-    let exit = run_bounded(server.into_child());
-    assert_eq!(exit.status.code(), Some(0), "clean exit");
+    server
+        .wait_for_log(|line| line.contains("persistence stopped: 500 messages saved, 0 not saved"));
+    assert_eq!(server.wait_exit(), Some(0), "clean exit");
     let stored = db.stored();
     assert_eq!(
         stored.len(),
         500,
         "every accepted message stored before exit"
     );
+}
+
+/// A client that was not reading when the server stopped still gets everything queued for it,
+/// then the goodbye: the server waits for it (within --shutdown-timeout) rather than writing
+/// once and closing. 32 MB is more than loopback socket buffers can hold.
+#[test]
+fn shutdown_waits_for_a_slow_reader_to_take_its_last_output() {
+    const LINES: usize = 8_000;
+    let flags = "--no-persist --flood-rate 0 --max-output 67108864";
+    let (mut server, addr) = spawn_server("", flags);
+    let (mut alice, bob) = alice_and_bob(addr);
+    let line = "z".repeat(4000);
+    for _ in 0..LINES {
+        alice.send(&line);
+    }
+    alice.sync(); // every line read and queued for bob, who has read none of them
+    server.signal("-TERM");
+    let mut bob = bob.into_stream();
+    bob.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut received = Vec::new();
+    bob.read_to_end(&mut received)
+        .expect("read until the server closes");
+    let text = String::from_utf8(received).unwrap();
+    let chat_lines = text
+        .lines()
+        .filter(|l| l.starts_with("<alice> zzz"))
+        .count();
+    assert_eq!(chat_lines, LINES, "every queued line delivered");
+    assert!(text.ends_with("* server shutting down\r\n"), "goodbye last");
+    assert_eq!(server.wait_exit(), Some(0));
+}
+
+/// With the database hung, a stop waits --shutdown-timeout for the queue to be stored, logs how
+/// many messages are unconfirmed, and exits 0. (The hung batch's own watchdog is 15 s here, so
+/// only the shutdown timeout can end the wait this early.)
+#[test]
+fn shutdown_timeout_bounds_the_wait_for_a_hung_database() {
+    let db = TestDb::start_own();
+    let flags = format!(
+        "--mongo-uri '{}' --mongo-db '{}' --mongo-timeout-ms 5000 --shutdown-timeout 1",
+        db.uri, db.database
+    );
+    let (mut server, addr) = spawn_server("", &flags);
+    let (mut alice, mut bob) = alice_and_bob(addr);
+    alice.send("stored");
+    db.wait_for_stored(1);
+    db.freeze();
+    for n in 0..5 {
+        alice.send(&format!("hung {n}"));
+    }
+    assert_eq!(bob.wait_for(|l| l.ends_with("hung 4")), "<alice> hung 4");
+    let stopping = std::time::Instant::now();
+    server.signal("-TERM");
+    let line = server.wait_for_log(|line| line.contains("not confirmed stored"));
+    assert!(line.contains(" 5 accepted messages"), "{line}");
+    assert_eq!(server.wait_exit(), Some(0));
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(8), "stopping took {took:?}");
+    db.thaw();
 }

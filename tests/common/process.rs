@@ -25,8 +25,9 @@ pub fn run_bounded(mut child: Child) -> Output {
     child.wait_with_output().expect("collect output")
 }
 
-/// Reads the server's log until `listening on ADDR`, checking the log line format on the way.
-pub fn listening_address(server: &mut Child) -> SocketAddr {
+/// Forwards the server's log lines to a channel, from a thread of their own, so the pipe never
+/// fills up and tests can look for lines.
+fn forward_log(server: &mut Child) -> mpsc::Receiver<String> {
     let stderr = server.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -34,55 +35,102 @@ pub fn listening_address(server: &mut Child) -> SocketAddr {
             let _ = tx.send(line);
         }
     });
-    loop {
-        let line = rx.recv_timeout(DEADLINE).expect("server log line");
-        let (stamp, rest) = line.split_once(' ').expect("timestamp first");
-        assert!(
-            stamp.ends_with('Z') && stamp.len() == 24,
-            "timestamp: {line}"
-        );
-        assert!(
-            rest.starts_with("INFO ") || rest.starts_with("WARN "),
-            "level: {line}"
-        );
-        if let Some(addr) = rest.split("listening on ").nth(1) {
-            return addr.trim().parse().expect("address in log");
-        }
-    }
+    rx
 }
 
 /// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
-/// address.
+/// address, read from its `listening on ADDR` log line.
 pub fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAddr) {
     let command = format!("{shell_prefix} exec '{SERVER}' --port 0 {flags}");
-    let mut server = Command::new("sh")
+    let mut child = Command::new("sh")
         .args(["-c", &command])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start server");
-    let addr = listening_address(&mut server);
-    (ServerProcess(Some(server)), addr)
+    let log = forward_log(&mut child);
+    let server = ServerProcess {
+        child: Some(child),
+        log,
+    };
+    let line = server.wait_for_log(|line| line.contains("listening on "));
+    let addr = line.split("listening on ").nth(1).unwrap();
+    (server, addr.trim().parse().expect("address in log"))
 }
 
 /// The server binary, killed when dropped so that a failing test leaves no server behind.
-pub struct ServerProcess(Option<Child>);
+pub struct ServerProcess {
+    child: Option<Child>,
+    log: mpsc::Receiver<String>,
+}
 
 impl ServerProcess {
     pub fn id(&self) -> u32 {
-        self.0.as_ref().expect("running").id()
+        self.child.as_ref().expect("running").id()
     }
 
     /// Hands the process over, to wait for its own exit.
     pub fn into_child(mut self) -> Child {
-        self.0.take().expect("running")
+        self.child.take().expect("running")
+    }
+
+    /// Reads the log until a line matches, checking the line format on the way.
+    pub fn wait_for_log(&self, mut wanted: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .log
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("expected log line did not come within {DEADLINE:?}"));
+            let (stamp, rest) = line.split_once(' ').expect("timestamp first");
+            assert!(
+                stamp.ends_with('Z') && stamp.len() == 24,
+                "timestamp: {line}"
+            );
+            assert!(
+                ["INFO ", "WARN ", "ERROR "]
+                    .iter()
+                    .any(|level| rest.starts_with(level)),
+                "level: {line}"
+            );
+            if wanted(rest) {
+                return line;
+            }
+        }
+    }
+
+    /// Sends a signal (`-TERM`, `-INT`, …) with `kill`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Waits up to `DEADLINE` for the server to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for server") {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit within {DEADLINE:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
+        if let Some(child) = &mut self.child {
             let _ = child.kill();
             let _ = child.wait();
         }
