@@ -152,7 +152,10 @@ struct ServerProcess {
 impl ServerProcess {
     fn start() -> ServerProcess {
         let mut child = Command::new(SERVER)
-            .args(["--port", "0", "--no-persist"])
+            // Load generators send far above a person's rate: flood control off. 10 000 idle
+            // clients need --max-clients above its default.
+            .args(["--port", "0", "--no-persist", "--flood-rate", "0"])
+            .args(["--max-clients", "100000"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
