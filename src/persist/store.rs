@@ -10,6 +10,9 @@ use mongodb::IndexModel;
 use crate::config::StoreConfig;
 use crate::{info, warn};
 
+/// Added to the reason when a batch may have been stored although no reply said so.
+pub(super) const MAY_STILL_BE_SAVED: &str = "; it may still be saved";
+
 /// MongoDB's duplicate key error: the document with this `_id` is already stored.
 const DUPLICATE_KEY: i32 = 11000;
 
@@ -55,16 +58,25 @@ impl Store {
     /// reason to give its sender.
     pub fn save(&mut self, documents: &[Document]) -> Vec<(usize, String)> {
         let mut result = self.insert(documents);
+        let mut sent_before = false;
         if let Err(err) = &result {
             if is_transient(err) {
                 // Same `_id`s: anything the first attempt stored comes back as a duplicate.
+                sent_before = true;
                 result = self.insert(documents);
             }
         }
-        let failures = match result {
+        let mut failures = match &result {
             Ok(()) => Vec::new(),
-            Err(err) => failed_indexes(&err, documents.len()),
+            Err(err) => failed_indexes(err, documents.len()),
         };
+        // The first attempt broke off after the batch was sent, and the retry could not check
+        // what it stored: the database may have stored it before the connection went.
+        if sent_before && result.is_err_and(|err| !matches!(*err.kind, ErrorKind::InsertMany(_))) {
+            for (_, reason) in &mut failures {
+                reason.push_str(MAY_STILL_BE_SAVED);
+            }
+        }
         if failures.is_empty() && !self.index_settled {
             let _ = self.settle_index();
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bson::Document;
 
-use super::store::Store;
+use super::store::{Store, MAY_STILL_BE_SAVED};
 use crate::info;
 
 /// A whole batch (server selection, insert, one retry) may take this many `--mongo-timeout-ms`
@@ -19,7 +19,7 @@ pub const BATCH_DEADLINE_FACTOR: u32 = 3;
 
 /// Why a batch was given up on by the watchdog. The insert may still complete if the database
 /// wakes up, and the sender should know that.
-const NOT_RESPONDING: &str = "database not responding; it may still be saved";
+const NOT_RESPONDING: &str = "database not responding";
 
 /// Runs the blocking driver calls on a thread of their own, so the persistence thread can stop
 /// waiting for a database that does not answer. At most one batch is in the driver at a time;
@@ -69,6 +69,7 @@ impl Inserter {
             let wait_for_previous = if self.stuck { Duration::ZERO } else { deadline };
             match self.wait(wait_for_previous) {
                 Some(late) => self.note_late(&late),
+                // This batch was never sent: it is certainly not saved.
                 None => return all_failed(count, NOT_RESPONDING),
             }
         }
@@ -78,7 +79,7 @@ impl Inserter {
         self.busy = true;
         self.wait(deadline).unwrap_or_else(|| {
             self.given_up = count;
-            all_failed(count, NOT_RESPONDING)
+            all_failed(count, &format!("{NOT_RESPONDING}{MAY_STILL_BE_SAVED}"))
         })
     }
 

@@ -41,8 +41,10 @@ const EVENTS_CAPACITY: usize = 1024;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often idle connections give back their buffers.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// Freed buffer bytes in one sweep that make returning free heap memory to the OS worthwhile.
+/// Freed buffer bytes in one sweep, or connections closed since the last one, that make
+/// returning free heap memory to the OS worthwhile.
 const TRIM_AFTER_FREEING: usize = 256 * 1024;
+const TRIM_AFTER_CLOSING: usize = 64;
 /// How often a stopping server looks at its inbox while waiting for slow clients.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
@@ -61,6 +63,7 @@ pub struct EventLoop {
     read_again: Vec<ClientRef>,
     flush_list: Vec<usize>,
     last_sweep: Instant,
+    closed_since_sweep: usize,
     /// The last accept failed (e.g. EMFILE); retry every turn and at least every ACCEPT_RETRY.
     accept_failing: bool,
     /// At `max_clients`: new clients are being refused (logged once per episode).
@@ -96,6 +99,7 @@ impl EventLoop {
             read_again: Vec::new(),
             flush_list: Vec::new(),
             last_sweep: Instant::now(),
+            closed_since_sweep: 0,
             accept_failing: false,
             refusing: false,
             now: Instant::now(),
@@ -154,7 +158,9 @@ impl EventLoop {
         }
         if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
             self.batch.shrink_if_large();
-            if self.room.shrink_idle() >= TRIM_AFTER_FREEING {
+            let freed = self.room.shrink_idle();
+            let closed = std::mem::take(&mut self.closed_since_sweep);
+            if freed >= TRIM_AFTER_FREEING || closed >= TRIM_AFTER_CLOSING {
                 heap::give_back_free_memory();
             }
             self.last_sweep = Instant::now();
@@ -333,6 +339,7 @@ impl EventLoop {
     /// and tells the others they left.
     fn reap_closed(&mut self) {
         for mut conn in self.room.take_closed() {
+            self.closed_since_sweep += 1;
             let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
             if reason.flushes_first() && conn.flush() == FlushOutcome::Done {
                 conn.say_goodbye();

@@ -422,36 +422,24 @@ impl TestDb {
 
     /// Makes every `insert` fail with `code` until turned off (needs test commands enabled).
     pub fn fail_inserts(&self, code: Option<i32>) {
-        let command = match code {
-            Some(code) => doc! {
-                "configureFailPoint": "failCommand",
-                "mode": "alwaysOn",
-                "data": { "failCommands": ["insert"], "errorCode": code },
-            },
-            None => doc! { "configureFailPoint": "failCommand", "mode": "off" },
-        };
-        self.client()
-            .database("admin")
-            .run_command(command)
-            .run()
-            .expect("configureFailPoint (is the server started with --enable-test-commands?)");
+        self.insert_failpoint(code.map(|code| doc! { "errorCode": code }));
     }
-}
 
-impl TestDb {
     /// Makes every `insert` wait `millis` before it runs, like a database under heavy load,
     /// until turned off with `None`.
     pub fn slow_inserts(&self, millis: Option<i32>) {
-        let command = match millis {
-            Some(millis) => doc! {
-                "configureFailPoint": "failCommand",
-                "mode": "alwaysOn",
-                "data": {
-                    "failCommands": ["insert"],
-                    "blockConnection": true,
-                    "blockTimeMS": millis,
-                },
-            },
+        self.insert_failpoint(
+            millis.map(|millis| doc! { "blockConnection": true, "blockTimeMS": millis }),
+        );
+    }
+
+    /// Turns the `failCommand` failpoint on for inserts with `behaviour`, or off with `None`.
+    fn insert_failpoint(&self, behaviour: Option<Document>) {
+        let command = match behaviour {
+            Some(mut data) => {
+                data.insert("failCommands", vec!["insert"]);
+                doc! { "configureFailPoint": "failCommand", "mode": "alwaysOn", "data": data }
+            }
             None => doc! { "configureFailPoint": "failCommand", "mode": "off" },
         };
         self.client()
