@@ -16,10 +16,11 @@
 //!
 //! Modules, one job each:
 //! - [`config`]: flags, defaults and limits of the server and client.
+//! - [`telnet`]: telnet commands cut out of the byte stream, across reads (pure).
 //! - [`framing`]: bytes to lines, with a bounded tail (pure).
 //! - [`protocol`]: what a line means and every line the server sends (pure).
 //! - [`server`]: binding and running; inside it the event loop, connections (socket + buffers),
-//!   the room (broadcast), the chat rules, and the inbox.
+//!   the room (broadcast), the chat rules, flood control, the open-file limit, and the inbox.
 //! - [`persist`]: the persistence queue and thread, the stored document; inside it the batch
 //!   watchdog and the driver calls (`store`).
 //! - [`client`]: the terminal client.

@@ -101,6 +101,11 @@ impl ServerProcess {
         }
     }
 
+    /// Every log line not read yet.
+    pub fn log_so_far(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
     /// Sends a signal (`-TERM`, `-INT`, …) with `kill`.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
