@@ -33,7 +33,7 @@ use bson::doc;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use common::process::spawn_server;
+use common::process::{spawn_server, ServerProcess};
 use common::{Chat, TestDb, DEADLINE};
 
 /// Client seats: each is one connection at a time, reconnecting after every session.
@@ -86,50 +86,115 @@ const SECONDS_TRACKED: usize = 256;
 #[test]
 #[ignore = "soak test, about 90 s: scripts/test.sh --release --test soak -- --ignored --nocapture"]
 fn thousand_clients_churn_through_a_database_restart() {
+    let fd_limit = fd_limit_for_all_seats();
+    let mut db = TestDb::start_own_on_disk();
+    let (server, addr) = start_server(&db);
+    let idle = measure_idle(&server, &db, addr);
+    let run = run_clients_through_outage(addr, &mut db);
+    let peak_rss = server.memory_kib("VmHWM");
+    check_nobody_left(addr);
+    let resources = wait_for_memory_back(&server, &idle, peak_rss);
+    let log = ServerLog::collect(&server);
+    let stored = stored_contents(&db, run.totals.sent + 1);
+    let outcome = account(&run.totals, &stored, run.outage.killed_at);
+    let summary = Summary {
+        fd_limit,
+        run,
+        resources,
+        log,
+        outcome,
+    };
+    summary.print();
+    summary.assert_passed();
+}
+
+/// Raises the open-file limit and checks that it leaves a socket for every seat.
+fn fd_limit_for_all_seats() -> u64 {
     let fd_limit = raise_fd_limit();
     assert!(
         fd_limit >= SEATS as u64 + 200,
         "the test needs more than {SEATS} descriptors; the limit is {fd_limit}"
     );
+    fd_limit
+}
 
-    let mut db = TestDb::start_own_on_disk();
+/// Starts the server binary on `db`, with a mongo timeout short enough for the outage to show.
+fn start_server(db: &TestDb) -> (ServerProcess, SocketAddr) {
     let flags = format!(
         "--mongo-uri '{}' --mongo-db '{}' --mongo-timeout-ms {MONGO_TIMEOUT_MS}",
         db.uri, db.database
     );
-    // The server's log goes to its pipe (where `spawn_server` finds the address) and, through
-    // a FIFO and `tee`, to a file, for the database-related lines in the summary.
-    let log_path = std::env::temp_dir().join(format!("peerchat-soak-{}.log", std::process::id()));
-    let fifo = log_path.with_extension("fifo");
-    let _ = std::fs::remove_file(&fifo);
-    let tee_log = format!(
-        "mkfifo '{fifo}' && {{ tee '{log}' <'{fifo}' >&2 & }} && exec 2>'{fifo}' &&",
-        fifo = fifo.display(),
-        log = log_path.display()
-    );
-    let (server, addr) = spawn_server(&tee_log, &flags);
-    let _ = std::fs::remove_file(&fifo); // both ends are open; the name is no longer needed
+    spawn_server("", &flags)
+}
 
-    // Idle level: a server that has connected to its database and stored a message (so the
-    // driver's client and connection exist), with no client connected and two idle sweeps done.
+/// The server's resource use at rest: the baseline for the final memory check.
+struct Idle {
+    rss: u64,
+    anon: u64,
+    cpu_ticks: u64,
+}
+
+/// Idle level: a server that has connected to its database and stored a message (so the
+/// driver's client and connection exist), with no client connected and two idle sweeps done.
+fn measure_idle(server: &ServerProcess, db: &TestDb, addr: SocketAddr) -> Idle {
     let mut probe = Chat::named(addr, "probe");
     probe.send(PROBE_TEXT);
     db.wait_for_stored(1);
     probe.send("/quit");
     probe.read_to_end();
     thread::sleep(Duration::from_millis(2500));
-    let idle_rss = server.memory_kib("VmRSS");
-    let idle_anon = server.memory_kib("RssAnon");
-    let cpu_before = server.cpu_ticks();
+    Idle {
+        rss: server.memory_kib("VmRSS"),
+        anon: server.memory_kib("RssAnon"),
+        cpu_ticks: server.cpu_ticks(),
+    }
+}
 
-    // The run.
-    let start = Instant::now();
+/// When the database was killed and when it was back, since the start of the run.
+struct Outage {
+    killed_at: Duration,
+    restarted_at: Duration,
+}
+
+/// What the client threads did.
+struct Run {
+    totals: RunTotals,
+    outage: Outage,
+    /// When the last client thread finished, since the start of the run.
+    clients_done: Duration,
+    /// The fewest deliveries in one second of the sending time: (deliveries, second).
+    quietest: (u64, usize),
+    /// Deliveries per second from the kill to a second after the restart.
+    during_outage: Vec<u64>,
+}
+
+/// The run: the client threads go to the end while the database is killed and restarted.
+fn run_clients_through_outage(addr: SocketAddr, db: &mut TestDb) -> Run {
     let shared = Arc::new(Shared {
-        start,
+        start: Instant::now(),
         deliveries: (0..SECONDS_TRACKED).map(|_| AtomicU64::new(0)).collect(),
     });
+    let workers = start_workers(addr, &shared);
+    let outage = kill_and_restart_database(db, shared.start);
+    let mut totals = RunTotals::default();
+    for worker in workers {
+        totals.add(worker.join().expect("client thread panicked"));
+    }
+    let clients_done = shared.start.elapsed();
+    let (quietest, during_outage) = delivery_profile(&shared, &outage);
+    Run {
+        totals,
+        outage,
+        clients_done,
+        quietest,
+        during_outage,
+    }
+}
+
+/// Starts `WORKERS` client threads, each driving its share of the seats.
+fn start_workers(addr: SocketAddr, shared: &Arc<Shared>) -> Vec<thread::JoinHandle<RunTotals>> {
     let per_worker = SEATS / WORKERS;
-    let workers: Vec<_> = (0..WORKERS)
+    (0..WORKERS)
         .map(|w| {
             let seats = w * per_worker..if w + 1 == WORKERS {
                 SEATS
@@ -142,8 +207,11 @@ fn thousand_clients_churn_through_a_database_restart() {
                 .spawn(move || Worker::new(w, addr, seats, shared).run())
                 .expect("start client thread")
         })
-        .collect();
+        .collect()
+}
 
+/// Kills the database `DB_KILL_AT` into the run and restarts it `DB_DOWN_FOR` later.
+fn kill_and_restart_database(db: &mut TestDb, start: Instant) -> Outage {
     sleep_until(start + DB_KILL_AT);
     db.kill();
     let killed_at = start.elapsed();
@@ -155,15 +223,27 @@ fn thousand_clients_churn_through_a_database_restart() {
         killed_at.as_secs_f64(),
         restarted_at.as_secs_f64()
     );
-
-    let mut run = RunTotals::default();
-    for worker in workers {
-        run.add(worker.join().expect("client thread panicked"));
+    Outage {
+        killed_at,
+        restarted_at,
     }
-    let clients_done = start.elapsed();
-    let peak_rss = server.memory_kib("VmHWM");
+}
 
-    // Every client has gone: the server must be alive, answer, and count nobody else.
+/// Deliveries in the quietest second of the sending time (leaving out its first 3 s and last
+/// 2 s), and per second of the outage: chat must keep flowing while the database is away.
+fn delivery_profile(shared: &Shared, outage: &Outage) -> ((u64, usize), Vec<u64>) {
+    let delivered = |s: usize| shared.deliveries[s].load(Ordering::Relaxed);
+    let quietest = (3..(SOAK.as_secs() as usize - 2))
+        .map(|s| (delivered(s), s))
+        .min()
+        .expect("some seconds");
+    let outage_seconds =
+        outage.killed_at.as_secs() as usize..=outage.restarted_at.as_secs() as usize + 1;
+    (quietest, outage_seconds.map(delivered).collect())
+}
+
+/// Every client has gone: the server must be alive, answer, and count nobody else.
+fn check_nobody_left(addr: SocketAddr) {
     let mut last = Chat::connect(addr);
     last.send("/who");
     let who = last.wait_for(|line| line.contains(" online: "));
@@ -173,9 +253,25 @@ fn thousand_clients_churn_through_a_database_restart() {
     );
     last.send("/quit");
     last.read_to_end();
+}
 
-    // Memory back near idle: wait for idle sweeps, bounded.
-    let rss_bound = idle_rss + RSS_SLACK_KIB;
+/// The server's memory from idle to the end, and the CPU time it used after the idle level.
+struct Resources {
+    idle_rss: u64,
+    idle_anon: u64,
+    peak_rss: u64,
+    final_rss: u64,
+    final_anon: u64,
+    /// How high `final_rss` may be.
+    rss_bound: u64,
+    /// How long after the last client `final_rss` was read.
+    rss_waited: Duration,
+    cpu_secs: f64,
+}
+
+/// Memory back near idle: waits for idle sweeps, bounded, then reads the final figures.
+fn wait_for_memory_back(server: &ServerProcess, idle: &Idle, peak_rss: u64) -> Resources {
+    let rss_bound = idle.rss + RSS_SLACK_KIB;
     let rss_wait = Instant::now();
     thread::sleep(Duration::from_secs(3));
     let mut final_rss = server.memory_kib("VmRSS");
@@ -183,157 +279,242 @@ fn thousand_clients_churn_through_a_database_restart() {
         thread::sleep(Duration::from_millis(500));
         final_rss = server.memory_kib("VmRSS");
     }
-    let rss_waited = rss_wait.elapsed();
-    let final_anon = server.memory_kib("RssAnon");
-    let server_cpu = (server.cpu_ticks() - cpu_before) as f64 / 100.0;
-    let server_log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let connections_logged = server_log.matches(" connected (").count();
-    let log_lines: Vec<&str> = server_log
-        .lines()
-        .filter(|line| {
-            !line.contains(" INFO ")
-                || ["MongoDB", "persist", "saving", "storing"]
-                    .iter()
-                    .any(|word| line.contains(word))
-        })
-        .collect();
-
-    // What the database holds.
-    let stored = stored_contents(&db, run.sent + 1);
-    let outcome = account(&run, &stored, killed_at);
-
-    let second_range = 3..(SOAK.as_secs() as usize - 2);
-    let quietest = second_range
-        .clone()
-        .map(|s| (shared.deliveries[s].load(Ordering::Relaxed), s))
-        .min()
-        .expect("some seconds");
-    let outage: Vec<u64> = (killed_at.as_secs() as usize..=restarted_at.as_secs() as usize + 1)
-        .map(|s| shared.deliveries[s].load(Ordering::Relaxed))
-        .collect();
-
-    println!("soak summary");
-    println!(
-        "  duration               {:.1} s ({} s sending, then the last sessions linger and leave)",
-        clients_done.as_secs_f64(),
-        SOAK.as_secs(),
-    );
-    println!("  client seats           {SEATS} on {WORKERS} threads (fd limit {fd_limit})");
-    println!(
-        "  sessions               {} ({} left with /quit, {} closed the socket, {} cut off)",
-        run.sessions, run.quit, run.dropped, run.cut_off
-    );
-    println!(
-        "  messages sent          {} ({:.0}/s over {} s)",
-        run.sent,
-        run.sent as f64 / SOAK.as_secs_f64(),
-        SOAK.as_secs()
-    );
-    println!(
-        "  deliveries received    {} ({:.0}/s); quietest second {} ({} deliveries); during the outage {:?}/s",
-        run.deliveries,
-        run.deliveries as f64 / clients_done.as_secs_f64(),
-        quietest.1,
-        quietest.0,
-        outage
-    );
-    println!("  stored once            {}", outcome.stored_once);
-    println!(
-        "  reported not saved     {} (of which {} were stored after all)",
-        outcome.reported, outcome.reported_and_stored
-    );
-    for (reason, count) in &run.report_reasons {
-        println!("    {count:>8} × {reason}");
+    Resources {
+        idle_rss: idle.rss,
+        idle_anon: idle.anon,
+        peak_rss,
+        final_rss,
+        rss_bound,
+        rss_waited: rss_wait.elapsed(),
+        final_anon: server.memory_kib("RssAnon"),
+        cpu_secs: (server.cpu_ticks() - idle.cpu_ticks) as f64 / 100.0,
     }
-    if !outcome.reported_and_stored_reasons.is_empty() {
+}
+
+/// What the summary shows of the server's log.
+struct ServerLog {
+    /// Client connections the server logged.
+    connections: usize,
+    /// Warnings, errors and the lines about the database.
+    lines: Vec<String>,
+}
+
+impl ServerLog {
+    fn collect(server: &ServerProcess) -> ServerLog {
+        let all = server.log_so_far();
+        let connections = all
+            .iter()
+            .filter(|line| line.contains(" connected ("))
+            .count();
+        let lines = all
+            .into_iter()
+            .filter(|line| {
+                !line.contains(" INFO ")
+                    || ["MongoDB", "persist", "saving", "storing"]
+                        .iter()
+                        .any(|word| line.contains(word))
+            })
+            .collect();
+        ServerLog { connections, lines }
+    }
+}
+
+/// Everything the test measured, for the printed summary and the final checks.
+struct Summary {
+    fd_limit: u64,
+    run: Run,
+    resources: Resources,
+    log: ServerLog,
+    outcome: Outcome,
+}
+
+impl Summary {
+    fn print(&self) {
+        println!("soak summary");
+        self.print_traffic();
+        self.print_fates();
+        self.print_server();
+        self.print_problems();
+    }
+
+    /// How long the run took and how much chat it carried.
+    fn print_traffic(&self) {
+        let (run, clients_done) = (&self.run.totals, self.run.clients_done);
         println!(
-            "  reported but stored, by reason: {:?}",
-            outcome.reported_and_stored_reasons
+            "  duration               {:.1} s ({} s sending, then the last sessions linger and leave)",
+            clients_done.as_secs_f64(),
+            SOAK.as_secs(),
+        );
+        println!(
+            "  client seats           {SEATS} on {WORKERS} threads (fd limit {})",
+            self.fd_limit
+        );
+        println!(
+            "  sessions               {} ({} left with /quit, {} closed the socket, {} cut off)",
+            run.sessions, run.quit, run.dropped, run.cut_off
+        );
+        println!(
+            "  messages sent          {} ({:.0}/s over {} s)",
+            run.sent,
+            run.sent as f64 / SOAK.as_secs_f64(),
+            SOAK.as_secs()
+        );
+        println!(
+            "  deliveries received    {} ({:.0}/s); quietest second {} ({} deliveries); during the outage {:?}/s",
+            run.deliveries,
+            run.deliveries as f64 / clients_done.as_secs_f64(),
+            self.run.quietest.1,
+            self.run.quietest.0,
+            self.run.during_outage
         );
     }
-    if let (Some(first), Some(last)) = (run.first_report, run.last_report) {
+
+    /// What became of the messages sent, and of the order they arrived in.
+    fn print_fates(&self) {
+        let (run, outcome) = (&self.run.totals, &self.outcome);
+        println!("  stored once            {}", outcome.stored_once);
         println!(
-            "  reports arrived        {:.1} s .. {:.1} s into the run",
-            first.as_secs_f64(),
-            last.as_secs_f64()
+            "  reported not saved     {} (of which {} were stored after all)",
+            outcome.reported, outcome.reported_and_stored
+        );
+        for (reason, count) in &run.report_reasons {
+            println!("    {count:>8} × {reason}");
+        }
+        if !outcome.reported_and_stored_reasons.is_empty() {
+            println!(
+                "  reported but stored, by reason: {:?}",
+                outcome.reported_and_stored_reasons
+            );
+        }
+        if let (Some(first), Some(last)) = (run.first_report, run.last_report) {
+            println!(
+                "  reports arrived        {:.1} s .. {:.1} s into the run",
+                first.as_secs_f64(),
+                last.as_secs_f64()
+            );
+        }
+        println!("  stored twice or more   {}", outcome.stored_twice);
+        println!(
+            "  third outcome          {} (neither stored nor reported: {} with the sender listening, {} of them sent in the 0.5 s before the kill; {} unknown because the sender was cut off)",
+            outcome.lost + outcome.sender_left,
+            outcome.lost,
+            outcome.lost_before_kill,
+            outcome.sender_left
+        );
+        println!("  unexpected documents   {}", outcome.unexpected_documents);
+        println!(
+            "  order violations       {} (plus {} lines from an older session after a newer one, {} own lines echoed)",
+            run.order_violations, run.stale_generation, run.own_echo
         );
     }
-    println!("  stored twice or more   {}", outcome.stored_twice);
-    println!(
-        "  third outcome          {} (neither stored nor reported: {} with the sender listening, {} of them sent in the 0.5 s before the kill; {} unknown because the sender was cut off)",
-        outcome.lost + outcome.sender_left,
-        outcome.lost,
-        outcome.lost_before_kill,
-        outcome.sender_left
-    );
-    println!("  unexpected documents   {}", outcome.unexpected_documents);
-    println!(
-        "  order violations       {} (plus {} lines from an older session after a newer one, {} own lines echoed)",
-        run.order_violations, run.stale_generation, run.own_echo
-    );
-    println!(
-        "  server RSS             idle {idle_rss} KiB, peak {peak_rss} KiB, final {final_rss} KiB ({:.1} s after the last client; bound {rss_bound} KiB); anonymous idle {idle_anon} KiB, final {final_anon} KiB",
-        rss_waited.as_secs_f64()
-    );
-    println!("  server CPU             {server_cpu:.1} s");
-    println!(
-        "  server log             {} ({connections_logged} connections); database and warning lines:",
-        log_path.display()
-    );
-    for line in log_lines.iter().take(40) {
-        println!("    {line}");
-    }
-    if !run.other_notices.is_empty() {
-        println!("  other notices (not failures): {:?}", run.other_notices);
-    }
-    for (kind, (count, sample)) in &run.anomalies {
-        println!("  PROBLEM {count} × {kind}: e.g. {sample}");
-    }
-    for sample in &outcome.samples {
-        println!("  PROBLEM {sample}");
+
+    /// The server's memory, CPU time and log.
+    fn print_server(&self) {
+        let Resources {
+            idle_rss,
+            idle_anon,
+            peak_rss,
+            final_rss,
+            final_anon,
+            rss_bound,
+            rss_waited,
+            cpu_secs,
+        } = self.resources;
+        println!(
+            "  server RSS             idle {idle_rss} KiB, peak {peak_rss} KiB, final {final_rss} KiB ({:.1} s after the last client; bound {rss_bound} KiB); anonymous idle {idle_anon} KiB, final {final_anon} KiB",
+            rss_waited.as_secs_f64()
+        );
+        println!("  server CPU             {cpu_secs:.1} s");
+        println!(
+            "  server log             {} connections; database and warning lines:",
+            self.log.connections
+        );
+        for line in self.log.lines.iter().take(40) {
+            println!("    {line}");
+        }
     }
 
-    assert!(
-        run.anomalies.is_empty(),
-        "client-side problems: see PROBLEM lines above"
-    );
-    assert_eq!(run.order_violations, 0, "messages out of per-sender order");
-    assert_eq!(
-        run.stale_generation, 0,
-        "a seat's older session spoke after its newer one"
-    );
-    assert_eq!(run.own_echo, 0, "a client received its own message");
-    assert_eq!(outcome.stored_twice, 0, "messages stored more than once");
-    assert!(
-        outcome.lost == 0,
-        "{} messages neither stored nor reported to a listening sender, {} of them sent in the \
-         0.5 s before the database was killed (if most are: writes the database acknowledged but \
-         had not yet journaled, lost with it; inserts must ask for `j: true`)",
-        outcome.lost,
-        outcome.lost_before_kill
-    );
-    assert_eq!(
-        outcome.sender_left, 0,
-        "messages with unknown fate (sender cut off)"
-    );
-    assert_eq!(outcome.unexpected_documents, 0, "documents nobody sent");
-    assert!(
-        quietest.0 > 0,
-        "no chat delivered during second {} of the run",
-        quietest.1
-    );
-    let window =
-        killed_at.saturating_sub(Duration::from_secs(1))..restarted_at + Duration::from_secs(15);
-    let (first, last) = (run.first_report, run.last_report);
-    assert!(
-        first.is_none_or(|t| window.contains(&t)) && last.is_none_or(|t| window.contains(&t)),
-        "`not saved` reports outside the outage ({window:?}): first {first:?}, last {last:?}"
-    );
-    assert!(
-        final_rss <= rss_bound,
-        "server RSS {final_rss} KiB did not come back near idle {idle_rss} KiB (bound {rss_bound} KiB, peak {peak_rss} KiB)"
-    );
-    let _ = std::fs::remove_file(&log_path);
+    fn print_problems(&self) {
+        let run = &self.run.totals;
+        if !run.other_notices.is_empty() {
+            println!("  other notices (not failures): {:?}", run.other_notices);
+        }
+        for (kind, (count, sample)) in &run.anomalies {
+            println!("  PROBLEM {count} × {kind}: e.g. {sample}");
+        }
+        for sample in &self.outcome.samples {
+            println!("  PROBLEM {sample}");
+        }
+    }
+
+    fn assert_passed(&self) {
+        self.assert_clients_saw_no_problem();
+        self.assert_every_message_accounted_for();
+        self.assert_chat_flowed_and_memory_came_back();
+    }
+
+    fn assert_clients_saw_no_problem(&self) {
+        let run = &self.run.totals;
+        assert!(
+            run.anomalies.is_empty(),
+            "client-side problems: see PROBLEM lines above"
+        );
+        assert_eq!(run.order_violations, 0, "messages out of per-sender order");
+        assert_eq!(
+            run.stale_generation, 0,
+            "a seat's older session spoke after its newer one"
+        );
+        assert_eq!(run.own_echo, 0, "a client received its own message");
+    }
+
+    /// Every message stored exactly once or reported unsaved to its sender, and nothing else.
+    fn assert_every_message_accounted_for(&self) {
+        let outcome = &self.outcome;
+        assert_eq!(outcome.stored_twice, 0, "messages stored more than once");
+        assert!(
+            outcome.lost == 0,
+            "{} messages neither stored nor reported to a listening sender, {} of them sent in the \
+             0.5 s before the database was killed (if most are: writes the database acknowledged but \
+             had not yet journaled, lost with it; inserts must ask for `j: true`)",
+            outcome.lost,
+            outcome.lost_before_kill
+        );
+        assert_eq!(
+            outcome.sender_left, 0,
+            "messages with unknown fate (sender cut off)"
+        );
+        assert_eq!(outcome.unexpected_documents, 0, "documents nobody sent");
+    }
+
+    /// Chat never stalled, `not saved` reports came only around the outage, and the memory
+    /// came back near idle.
+    fn assert_chat_flowed_and_memory_came_back(&self) {
+        let (run, outage) = (&self.run.totals, &self.run.outage);
+        let quietest = self.run.quietest;
+        assert!(
+            quietest.0 > 0,
+            "no chat delivered during second {} of the run",
+            quietest.1
+        );
+        let window = outage.killed_at.saturating_sub(Duration::from_secs(1))
+            ..outage.restarted_at + Duration::from_secs(15);
+        let (first, last) = (run.first_report, run.last_report);
+        assert!(
+            first.is_none_or(|t| window.contains(&t)) && last.is_none_or(|t| window.contains(&t)),
+            "`not saved` reports outside the outage ({window:?}): first {first:?}, last {last:?}"
+        );
+        let Resources {
+            idle_rss,
+            peak_rss,
+            final_rss,
+            rss_bound,
+            ..
+        } = self.resources;
+        assert!(
+            final_rss <= rss_bound,
+            "server RSS {final_rss} KiB did not come back near idle {idle_rss} KiB (bound {rss_bound} KiB, peak {peak_rss} KiB)"
+        );
+    }
 }
 
 fn sleep_until(when: Instant) {
