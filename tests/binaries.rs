@@ -317,10 +317,16 @@ fn a_client_that_never_reads_is_disconnected_and_others_keep_receiving() {
         reader_thread.join().expect("reader"),
         "others are told the slow client left"
     );
+    let stuck_addr = stuck.local_addr();
     let seen = stuck.read_to_end();
     assert!(
         seen.len() < LINES,
         "the stuck client cannot have received everything"
+    );
+    let logged = server.wait_for_log(|line| line.contains("slow consumer"));
+    assert!(
+        logged.contains(&format!("client {stuck_addr} (stuck) disconnected")),
+        "{logged}"
     );
     let peak_kib = server.memory_kib("VmHWM");
     assert!(
