@@ -17,7 +17,7 @@ pub const DEFAULT_MAX_LINE: usize = 4096;
 /// Output a client may have pending before it is cut off as a slow consumer, in bytes. Chat is
 /// pushed to clients, so without a cap one client that never reads would grow without bound.
 pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
-/// Overlong lines a client may send; the next one disconnects it. A client that keeps sending
+/// Overlong lines a client may send in a row; the next one disconnects it. A client that keeps sending
 /// them is broken or hostile, and each one costs a read of up to the whole line.
 pub const DEFAULT_MAX_OVERLONG: u32 = 3;
 /// Lines per second a client may send on average (flood control), and how many it may send in
@@ -64,7 +64,7 @@ pub struct ClientLimits {
     pub max_line: usize,
     /// Output pending for the client before it is cut off as a slow consumer, in bytes.
     pub max_output: usize,
-    /// Overlong lines tolerated; the next one disconnects.
+    /// Overlong lines in a row tolerated; the next one disconnects.
     pub max_overlong: u32,
     /// `None` with `--flood-rate 0`: no flood control.
     pub flood: Option<FloodLimit>,
@@ -148,8 +148,8 @@ Options:
   --max-line BYTES         longest accepted line, newline excluded [default: 4096]
   --max-output BYTES       output pending for one client before it is disconnected
                            as a slow consumer [default: 1048576]
-  --max-overlong N         overlong lines a client may send; the next one disconnects
-                           it [default: 3]
+  --max-overlong N         overlong lines a client may send in a row; the next one
+                           disconnects it [default: 3]
   --flood-rate LINES       lines per second a client may send on average; excess lines
                            are dropped with one warning per burst; 0 turns flood control
                            off [default: 20]

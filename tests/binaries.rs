@@ -428,3 +428,33 @@ fn shutdown_timeout_bounds_the_wait_for_a_hung_database() {
     assert!(took < Duration::from_secs(8), "stopping took {took:?}");
     db.thaw();
 }
+
+/// A client that never reads holds output the server cannot write before --shutdown-timeout;
+/// it must not cost persistence its time: what was accepted is stored and counted.
+#[test]
+fn a_client_that_never_reads_does_not_hold_up_storing_at_shutdown() {
+    let db = TestDb::start();
+    let flags = format!(
+        "--mongo-uri '{}' --mongo-db '{}' --flood-rate 0 --shutdown-timeout 2 --max-output 67108864",
+        db.uri, db.database
+    );
+    let (mut server, addr) = spawn_server("", &flags);
+    let (mut alice, mut bob) = alice_and_bob(addr);
+    let _stuck = Chat::named(addr, "stuck");
+    let line = "s".repeat(4000);
+    for _ in 0..4000 {
+        alice.send(&line); // 16 MB: far more than the stuck client's socket takes
+    }
+    bob.wait_for(|l| l.ends_with(" is now stuck"));
+    for _ in 0..4000 {
+        bob.wait_for(|l| l.starts_with("<alice> sss"));
+    }
+    server.signal("-TERM");
+    let stopped =
+        server.wait_for_log(|l| l.contains("persistence stopped") || l.contains("still busy"));
+    assert!(
+        stopped.contains("persistence stopped: 4000 messages saved, 0 not saved"),
+        "{stopped}"
+    );
+    assert_eq!(server.wait_exit(), Some(0));
+}

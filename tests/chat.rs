@@ -152,6 +152,14 @@ fn a_client_that_keeps_sending_overlong_lines_is_disconnected() {
     config.limits.max_line = 100;
     let server = start_server(config);
     let (mut alice, mut bob) = alice_and_bob(server.addr);
+    let too_long = "! line too long (max 100 bytes)";
+    for _ in 0..3 {
+        alice.send(&"x".repeat(200));
+    }
+    alice.send("a line that fits starts the count again");
+    for _ in 0..3 {
+        assert_eq!(alice.line(), too_long);
+    }
     for _ in 0..4 {
         alice.send(&"x".repeat(200));
     }
@@ -159,11 +167,15 @@ fn a_client_that_keeps_sending_overlong_lines_is_disconnected() {
     assert_eq!(
         lines,
         [
-            "! line too long (max 100 bytes)",
-            "! line too long (max 100 bytes)",
-            "! line too long (max 100 bytes)",
+            too_long,
+            too_long,
+            too_long,
             "! too many lines over 100 bytes; disconnecting",
         ]
+    );
+    assert_eq!(
+        bob.line(),
+        "<alice> a line that fits starts the count again"
     );
     assert_eq!(bob.line(), "* alice left");
 }

@@ -75,7 +75,8 @@ pub struct SubmitError {
 /// The loop's handle on the persistence thread.
 #[derive(Debug)]
 pub struct Persister {
-    queue: SyncSender<Record>,
+    /// `None` once closed for shutdown.
+    queue: Option<SyncSender<Record>>,
     thread: JoinHandle<PersistStats>,
     /// Messages taken into the queue (counted on the loop's side).
     accepted: Cell<u64>,
@@ -101,7 +102,7 @@ impl Persister {
             .name("peerchat-persist".to_string())
             .spawn(move || run(config, incoming, results, &thread_settled))?;
         Ok(Persister {
-            queue,
+            queue: Some(queue),
             thread,
             accepted: Cell::new(0),
             settled,
@@ -110,7 +111,13 @@ impl Persister {
 
     /// Queues a message without blocking.
     pub fn submit(&self, record: Record) -> Result<(), SubmitError> {
-        let sent = self.queue.try_send(record);
+        let Some(queue) = &self.queue else {
+            return Err(SubmitError {
+                content: record.content,
+                reason: "storage stopped",
+            });
+        };
+        let sent = queue.try_send(record);
         if sent.is_ok() {
             self.accepted.set(self.accepted.get() + 1);
         }
@@ -126,16 +133,27 @@ impl Persister {
         })
     }
 
+    /// Takes no more messages: the thread stores what is queued, reports what it cannot, and
+    /// ends.
+    pub fn close(&mut self) {
+        self.queue = None;
+    }
+
+    /// True once the thread has finished with everything it was given (after `close`).
+    pub fn is_done(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Closes the queue and waits up to `timeout` for what is queued to be stored, calling
     /// `meanwhile` every few milliseconds (the loop drains its inbox there, so the thread never
     /// waits on a full inbox nobody reads). Returns the thread's counts, or, if it was still
     /// busy when the time ran out, how many accepted messages it had not finished with.
     pub fn finish(
-        self,
+        mut self,
         timeout: Duration,
         mut meanwhile: impl FnMut(),
     ) -> Result<PersistStats, u64> {
-        drop(self.queue);
+        self.close();
         let deadline = Instant::now() + timeout;
         while !self.thread.is_finished() && Instant::now() < deadline {
             meanwhile();

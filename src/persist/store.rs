@@ -3,7 +3,7 @@
 
 use bson::{doc, Document};
 use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
-use mongodb::options::ClientOptions;
+use mongodb::options::{Acknowledgment, ClientOptions};
 use mongodb::sync::{Client, Collection};
 use mongodb::IndexModel;
 
@@ -127,10 +127,12 @@ fn connect(config: &StoreConfig) -> Result<Collection<Document>, DbError> {
     options.connect_timeout = Some(config.timeout);
     options.app_name = Some("peerchat".to_string());
     // An acknowledged message must survive a database crash, so an insert returns once it is
-    // in the on-disk journal, unless the URI asks otherwise (`journal=false`). Without this a
+    // in the on-disk journal, unless the URI asks otherwise (`journal=false`, `w=0`). Without this a
     // killed database lost messages it had acknowledged moments before.
     let mut concern = options.write_concern.take().unwrap_or_default();
-    concern.journal.get_or_insert(true);
+    if concern.w != Some(Acknowledgment::Nodes(0)) {
+        concern.journal.get_or_insert(true); // w=0 asks for no answer at all: no journal then
+    }
     options.write_concern = Some(concern);
     let client = Client::with_options(options)?;
     Ok(client

@@ -218,6 +218,12 @@ impl Room {
         freed
     }
 
+    /// True if any open connection has output not yet written.
+    pub fn has_pending_output(&self) -> bool {
+        self.open_connections()
+            .any(|(_, conn)| conn.pending_output() > 0)
+    }
+
     /// Every slot still in use, for shutdown.
     pub fn slots_in_use(&self) -> Vec<usize> {
         self.open_connections().map(|(slot, _)| slot).collect()

@@ -37,6 +37,9 @@ pub fn line(
     bytes: &[u8],
     now: Instant,
 ) {
+    if let Some(conn) = room.get_mut(slot) {
+        conn.note_line();
+    }
     let text = protocol::sanitize(bytes);
     let command = protocol::parse(&text);
     // Blank lines do nothing, and /quit should work even for a client over its limit.

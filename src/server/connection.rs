@@ -209,7 +209,7 @@ pub struct Connection {
     output: OutputBuffer,
     /// Flood control; `None` when it is off.
     bucket: Option<TokenBucket>,
-    /// Overlong lines sent so far.
+    /// Overlong lines sent in a row (a line within the limit resets it).
     overlong_lines: u32,
     closing: Option<CloseReason>,
     /// Registered for writable events, which is only while output is blocked.
@@ -281,10 +281,16 @@ impl Connection {
         }
     }
 
-    /// Counts one more overlong line and returns how many there have been.
+    /// Counts one more overlong line and returns how many came in a row.
     pub fn note_overlong(&mut self) -> u32 {
         self.overlong_lines += 1;
         self.overlong_lines
+    }
+
+    /// A line within the limit arrived: a person who once pasted too much is not counted
+    /// against forever.
+    pub fn note_line(&mut self) {
+        self.overlong_lines = 0;
     }
 
     /// Reads up to `budget` bytes through `scratch`, removes telnet commands and appends the

@@ -15,7 +15,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::broadcast::Room;
 use super::chat;
-use super::connection::{CloseReason, Connection, FlushOutcome, Input, InputBatch, ReadOutcome};
+use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
 use super::heap;
 use super::inbox::{ClientRef, Inbox, LoopInput};
 use crate::config::ClientLimits;
@@ -33,6 +33,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// grow several times over on their way out (`a` becomes `<127.0.0.1:50312> a\r\n`), so this
 /// also bounds what one sender adds to every recipient's output in a turn (about 0.7 MB).
 const READ_BUDGET: usize = READ_CHUNK;
+/// Connections accepted per turn before the clients already in get their turn: a connection
+/// flood (refused ones included) cannot starve them.
+const ACCEPT_BUDGET: usize = 256;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// How soon to try accepting again after an accept error such as running out of descriptors.
@@ -41,9 +44,10 @@ const EVENTS_CAPACITY: usize = 1024;
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often idle connections give back their buffers.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-/// Freed buffer bytes in one sweep, or connections closed since the last one, that make
-/// returning free heap memory to the OS worthwhile.
+/// Freed buffer bytes in one sweep that make returning free heap memory to the OS worthwhile.
 const TRIM_AFTER_FREEING: usize = 256 * 1024;
+/// Connections closed since the last sweep that make it worthwhile: each leaves its buffers
+/// and connection state in the heap.
 const TRIM_AFTER_CLOSING: usize = 64;
 /// How often a stopping server looks at its inbox while waiting for slow clients.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
@@ -66,6 +70,8 @@ pub struct EventLoop {
     closed_since_sweep: usize,
     /// The last accept failed (e.g. EMFILE); retry every turn and at least every ACCEPT_RETRY.
     accept_failing: bool,
+    /// The accept budget ran out with connections possibly waiting: accept again next turn.
+    accept_again: bool,
     /// At `max_clients`: new clients are being refused (logged once per episode).
     refusing: bool,
     /// When this turn's events arrived: the time flood control charges lines at.
@@ -101,6 +107,7 @@ impl EventLoop {
             last_sweep: Instant::now(),
             closed_since_sweep: 0,
             accept_failing: false,
+            accept_again: false,
             refusing: false,
             now: Instant::now(),
             running: true,
@@ -111,7 +118,7 @@ impl EventLoop {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while self.running {
-            let timeout = if !self.read_again.is_empty() {
+            let timeout = if !self.read_again.is_empty() || self.accept_again {
                 Duration::ZERO
             } else if self.accept_failing {
                 ACCEPT_RETRY
@@ -133,9 +140,10 @@ impl EventLoop {
                 }
             }
             self.drain_inbox();
-            if self.accept_failing {
-                // Connections closed since may have freed descriptors. Before `end_turn`, so
-                // the welcome lines of clients accepted here are written this turn.
+            if self.accept_failing || std::mem::take(&mut self.accept_again) {
+                // Connections closed since may have freed descriptors, or the budget ran out.
+                // Before `end_turn`, so the welcome lines of clients accepted here are written
+                // this turn.
                 self.accept_all();
             }
             self.read_again_pending();
@@ -168,7 +176,7 @@ impl EventLoop {
     }
 
     fn accept_all(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BUDGET {
             match self.listener.accept() {
                 Ok((socket, addr)) => self.admit(socket, addr),
                 Err(err) if err.kind() == ErrorKind::WouldBlock => {
@@ -189,6 +197,7 @@ impl EventLoop {
                 }
             }
         }
+        self.accept_again = true;
     }
 
     /// Adds a new client to the room, or refuses it when the server is full.
@@ -351,73 +360,91 @@ impl EventLoop {
                 conn.name,
                 reason.describe()
             );
-            chat::left(&mut self.room, &conn.name);
+            if self.running {
+                chat::left(&mut self.room, &conn.name);
+            }
         }
     }
 
-    /// Stops accepting, says goodbye to every client and gives them up to `--shutdown-timeout`
-    /// to take their last output, while persistence stores what was already accepted; then
-    /// waits for persistence within what is left of that time.
+    /// Stops accepting and closes the save queue, says goodbye to every client, then for up to
+    /// `--shutdown-timeout` keeps writing their output and delivering save reports until every
+    /// client has taken its output and persistence has dealt with everything accepted.
     fn shut_down(&mut self) {
         let deadline = Instant::now() + self.shutdown_timeout;
         let _ = self.poll.registry().deregister(&mut self.listener);
+        if let Some(persister) = &mut self.persister {
+            persister.close();
+        }
         let slots = self.room.slots_in_use();
         info!("shutting down; {} clients connected", slots.len());
-        for &slot in &slots {
+        for slot in slots {
             self.room.notice(slot, "server shutting down");
-            self.room.close(slot, CloseReason::Shutdown);
         }
-        let mut leaving = self.room.take_closed();
-        self.flush_until(&mut leaving, deadline);
-        if !leaving.is_empty() {
-            warn!(
-                "{} clients did not take their last output within --shutdown-timeout",
-                leaving.len()
-            );
-        }
-        drop(leaving);
-        if let Some(persister) = self.persister.take() {
-            // Clients are gone: late failure reports have no one to go to.
-            let inbox = &self.inbox;
-            let discard_reports = || while inbox.next().is_some() {};
-            let left = deadline.saturating_duration_since(Instant::now());
-            match persister.finish(left, discard_reports) {
-                Ok(stats) => info!(
-                    "persistence stopped: {} messages saved, {} not saved",
-                    stats.saved, stats.failed
-                ),
-                Err(unsettled) => warn!(
-                    "persistence still busy at --shutdown-timeout: {unsettled} accepted messages not confirmed stored"
-                ),
-            }
-        }
+        self.drain_before_exit(deadline);
+        self.close_everyone();
+        self.finish_persistence(deadline);
     }
 
-    /// Writes the connections' last output, waiting for writable sockets until `deadline`;
-    /// the connections done with are closed. The inbox is drained meanwhile so the
-    /// persistence thread never blocks on it.
-    fn flush_until(&mut self, leaving: &mut Vec<Connection>, deadline: Instant) {
+    /// Turns of the loop that only write and deliver reports (input is no longer read), until
+    /// nothing is left to do or `deadline`.
+    fn drain_before_exit(&mut self, deadline: Instant) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         loop {
-            let registry = self.poll.registry();
-            leaving.retain_mut(|conn| match conn.flush() {
-                FlushOutcome::Blocked => conn.set_wants_writable(registry, true).is_ok(),
-                FlushOutcome::Done => {
-                    conn.say_goodbye();
-                    false
-                }
-                FlushOutcome::Failed(_) => false,
-            });
+            self.drain_inbox();
+            self.end_turn();
+            let storing = self.persister.as_ref().is_some_and(|p| !p.is_done());
             let left = deadline.saturating_duration_since(Instant::now());
-            if leaving.is_empty() || left.is_zero() {
+            if (!storing && !self.room.has_pending_output()) || left.is_zero() {
                 return;
             }
-            while self.inbox.next().is_some() {}
             if let Err(err) = self.poll.poll(&mut events, Some(left.min(SHUTDOWN_POLL))) {
                 if err.kind() != ErrorKind::Interrupted {
                     return;
                 }
             }
+            for event in events.iter() {
+                if let Some(slot) = Room::slot_of(event.token()).filter(|_| event.is_writable()) {
+                    self.write_ready(slot);
+                }
+            }
+        }
+    }
+
+    /// Closes every connection: with a FIN where all output was taken.
+    fn close_everyone(&mut self) {
+        for slot in self.room.slots_in_use() {
+            self.room.close(slot, CloseReason::Shutdown);
+        }
+        let mut unflushed = 0;
+        for mut conn in self.room.take_closed() {
+            if conn.pending_output() == 0 {
+                conn.say_goodbye();
+            } else {
+                unflushed += 1;
+            }
+        }
+        if unflushed > 0 {
+            warn!("{unflushed} clients did not take their last output within --shutdown-timeout");
+        }
+    }
+
+    /// Collects the persistence thread's figures, waiting for it only until `deadline`.
+    fn finish_persistence(&mut self, deadline: Instant) {
+        let Some(persister) = self.persister.take() else {
+            return;
+        };
+        // Clients are gone: late failure reports have no one to go to.
+        let inbox = &self.inbox;
+        let discard_reports = || while inbox.next().is_some() {};
+        let left = deadline.saturating_duration_since(Instant::now());
+        match persister.finish(left, discard_reports) {
+            Ok(stats) => info!(
+                "persistence stopped: {} messages saved, {} not saved",
+                stats.saved, stats.failed
+            ),
+            Err(unsettled) => warn!(
+                "persistence still busy at --shutdown-timeout: {unsettled} accepted messages not confirmed stored"
+            ),
         }
     }
 }

@@ -80,10 +80,15 @@ impl ServerProcess {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .log
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("expected log line did not come within {DEADLINE:?}"));
+            let line = match self.log.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("expected log line did not come within {DEADLINE:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the server's log ended before the expected line")
+                }
+            };
             let (stamp, rest) = line.split_once(' ').expect("timestamp first");
             assert!(
                 stamp.ends_with('Z') && stamp.len() == 24,
