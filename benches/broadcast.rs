@@ -1,111 +1,51 @@
-//! Broadcast fan-out benchmark: how many chat lines per second peerchat delivers.
-//!
-//! Starts the built `peerchat-server` binary (persistence off) as a child process, so its CPU
-//! and memory are read from /proc, then drives it from this process: N receivers on one mio
-//! thread, P senders on another. Each message carries its sender's sequence number and send
-//! time; receivers check per-sender order and measure latency. Senders keep a bounded number
-//! of messages in flight, so the figures are for a server that keeps up, not for a backlog.
+//! Broadcast fan-out benchmark: how many chat lines per second peerchat delivers, and the same
+//! for Redis pub/sub driven by the same load generator in the same run.
 //!
 //! ```text
-//! cargo bench --bench broadcast                          # default scenarios
+//! cargo bench --bench broadcast                          # default scenarios, peerchat only
+//! cargo bench --bench broadcast -- --peer redis --runs 3 # side by side with redis-server
 //! cargo bench --bench broadcast -- --quick               # tiny run (CI)
-//! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 200000
-//! cargo bench --bench broadcast -- --idle 1000           # idle memory per connection
+//! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 20000 --window 64
+//! cargo bench --bench broadcast -- --idle 1000,10000     # idle memory per connection only
 //! ```
-//! Results are printed as a table and appended as JSON lines to
+//! Flags: `-n` receivers, `-p` senders, `-s` message bytes, `-m` messages per sender, `--window`
+//! messages in flight per sender, `--threads` receiving threads, `--runs` runs per server (the
+//! best is kept), `--peer redis`, `--persist` (peerchat stores every message in a SecantusDB the
+//! bench starts), `--idle` counts, `--quick`.
+//!
+//! Each run is printed as it finishes; then, per scenario, the best run of each server side by
+//! side with the ratios and goals. Every run is appended as a JSON line to
 //! `target/bench-results/broadcast.jsonl`.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream as StdStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
+mod support;
 
-use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use support::load::{self, Outcome, Scenario};
+use support::servers::{redis_available, Kind, ServerProcess, REDIS_MISSING};
+use support::stats::{append_json, json_str};
+use support::{die, raise_open_file_limit};
 
-const SERVER: &str = env!("CARGO_BIN_EXE_peerchat-server");
-/// Messages each sender may have in flight (sent, not yet delivered to every receiver).
-const WINDOW_PER_SENDER: u64 = 64;
-/// Latency histogram resolution: 1 µs buckets up to this many µs; slower goes to the last one.
-const LATENCY_BUCKETS: usize = 200_000;
-/// A run that makes no progress for this long is declared stuck.
-const STALL: Duration = Duration::from_secs(10);
+/// Deliveries per scenario: a few seconds each on a 2-core machine.
+const DELIVERIES: u64 = 30_000_000;
+const QUICK_DELIVERIES: u64 = 200_000;
 
-struct Scenario {
-    receivers: usize,
-    senders: usize,
-    size: usize,
-    messages_per_sender: u64,
-}
-
-struct Report {
-    scenario: String,
-    delivered: u64,
-    expected: u64,
-    out_of_order: u64,
-    seconds: f64,
-    server_cpu: f64,
-    generator_cpu: f64,
-    peak_rss_kb: u64,
-    latency_us: [u64; 4], // p50, p99, p99.9, max
-    size: usize,
+/// What the command line asked for.
+struct Options {
+    scenarios: Vec<Scenario>,
+    servers: Vec<Kind>,
+    runs: usize,
+    persist: bool,
+    idle_counts: Vec<usize>,
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let flag = |name: &str| -> Option<u64> {
-        let at = args.iter().position(|a| a == name)?;
-        let value = args
-            .get(at + 1)
-            .unwrap_or_else(|| die(&format!("{name} needs a value")));
-        Some(
-            value
-                .parse()
-                .unwrap_or_else(|_| die(&format!("{name}: not a number: {value}"))),
-        )
-    };
-    if let Some(idle) = flag("--idle") {
-        return idle_memory(idle as usize);
-    }
-    let quick = args.iter().any(|a| a == "--quick");
-    let size = flag("-s").unwrap_or(64) as usize;
-    let scenarios: Vec<Scenario> = match (flag("-n"), flag("-p")) {
-        (Some(n), Some(p)) => vec![scenario(n as usize, p as usize, size, flag("-m"), quick)],
-        (None, None) => {
-            let ns: &[usize] = if quick { &[10] } else { &[10, 100, 1000] };
-            ns.iter()
-                .flat_map(|&n| [1, 10].map(|p| scenario(n, p, size, flag("-m"), quick)))
-                .collect()
-        }
-        _ => die("give both -n RECEIVERS and -p SENDERS, or neither"),
-    };
-    println!(
-        "{:<18} {:>12} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13} {:>8} {:>7}  complete",
-        "scenario",
-        "deliv/s",
-        "MB/s",
-        "p50 µs",
-        "p99 µs",
-        "p99.9",
-        "max µs",
-        "srv cpu",
-        "deliv/cpu-s",
-        "rss MB",
-        "gen cpu"
-    );
+    raise_open_file_limit();
+    let options = parse_options();
     let mut failed = false;
-    for scenario in scenarios {
-        let report = run(&scenario);
-        print_report(&report);
-        save_json(&report);
-        failed |= report.delivered != report.expected || report.out_of_order > 0;
+    if !options.scenarios.is_empty() {
+        failed |= fan_out(&options);
+    }
+    if !options.idle_counts.is_empty() {
+        support::idle::report(&options.idle_counts, &options.servers);
     }
     if failed {
         eprintln!(
@@ -115,477 +55,273 @@ fn main() {
     }
 }
 
-fn scenario(
-    receivers: usize,
-    senders: usize,
-    size: usize,
-    m: Option<u64>,
-    quick: bool,
-) -> Scenario {
-    // About 20 M deliveries per scenario (a few seconds), 200 k for --quick.
-    let deliveries: u64 = if quick { 200_000 } else { 20_000_000 };
-    let per_sender = m.unwrap_or((deliveries / (receivers * senders) as u64).max(10));
-    if size < 40 {
-        die("-s must be at least 40 bytes (sequence number and timestamp)");
+/// Runs every scenario on every server; true if any run was incomplete.
+fn fan_out(options: &Options) -> bool {
+    let db = options.persist.then(support::db::TestDatabase::start);
+    let persist_flags = db.as_ref().map(|db| db.server_flags());
+    print_run_header();
+    let mut failed = false;
+    let mut summary = Vec::new();
+    for scenario in &options.scenarios {
+        let mut best: Vec<(Kind, Outcome)> = Vec::new();
+        for run in 1..=options.runs {
+            for &kind in &options.servers {
+                let server = match (kind, &persist_flags) {
+                    (Kind::Peerchat, Some(flags)) => ServerProcess::peerchat(
+                        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+                    ),
+                    _ => ServerProcess::start(kind),
+                };
+                let outcome = load::run(&server, scenario);
+                drop(server);
+                print_run(kind, scenario, run, &outcome);
+                save_run(kind, scenario, run, options.persist, &outcome);
+                failed |= !outcome.complete();
+                keep_best(&mut best, kind, outcome);
+            }
+        }
+        summary.push((scenario.clone(), best));
     }
-    Scenario {
-        receivers,
-        senders,
-        size,
-        messages_per_sender: per_sender,
+    if options.servers.len() > 1 || options.runs > 1 {
+        print_summary(&summary);
     }
+    failed
 }
 
-fn die(message: &str) -> ! {
-    eprintln!("broadcast bench: {message}");
-    std::process::exit(2)
+fn keep_best(best: &mut Vec<(Kind, Outcome)>, kind: Kind, outcome: Outcome) {
+    match best.iter_mut().find(|(k, _)| *k == kind) {
+        Some((_, kept)) if kept.delivered_per_sec() >= outcome.delivered_per_sec() => {}
+        Some((_, kept)) => *kept = outcome,
+        None => best.push((kind, outcome)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Server process
+// Options
 
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ServerProcess {
-    fn start() -> ServerProcess {
-        let mut child = Command::new(SERVER)
-            // Load generators send far above a person's rate: flood control off. 10 000 idle
-            // clients need --max-clients above its default.
-            .args(["--port", "0", "--no-persist", "--flood-rate", "0"])
-            .args(["--max-clients", "100000"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| die(&format!("cannot start {SERVER}: {err}")));
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .and_then(Result::ok)
-                .unwrap_or_else(|| die("server exited before listening"));
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                break addr.trim().parse().expect("address");
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        thread::spawn(move || for _ in lines {});
-        ServerProcess { child, addr }
-    }
-
-    /// User + system CPU seconds so far.
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
-    }
-
-    fn status_kb(&self, field: &str) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cpu_seconds_of(stat_path: &str) -> f64 {
-    let stat = fs::read_to_string(stat_path).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0 // USER_HZ is 100 on Linux
-}
-
-// ---------------------------------------------------------------------------------------------
-// One scenario
-
-fn run(scenario: &Scenario) -> Report {
-    let server = ServerProcess::start();
-    let receivers: Vec<StdStream> = (0..scenario.receivers)
-        .map(|_| StdStream::connect(server.addr).expect("connect receiver"))
-        .collect();
-    let mut senders: Vec<StdStream> = (0..scenario.senders)
-        .map(|_| StdStream::connect(server.addr).expect("connect sender"))
-        .collect();
-    for sender in &senders {
-        sender.set_nodelay(true).unwrap(); // no Nagle delay on a small final write
-    }
-    for (index, sender) in senders.iter_mut().enumerate() {
-        sender
-            .write_all(format!("/nick s{index}\n").as_bytes())
-            .unwrap();
-    }
-    let delivered = Arc::new(AtomicU64::new(0));
-    let ready = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let expected =
-        scenario.receivers as u64 * scenario.senders as u64 * scenario.messages_per_sender;
-    let base = Instant::now();
-
-    // Senders receive each other's chat too; they must read it or the server would rightly
-    // cut them off as slow consumers.
-    let sender_inputs: Vec<StdStream> = senders.iter().map(|s| s.try_clone().unwrap()).collect();
-    let receiver_thread = {
-        let (delivered, ready, done) = (delivered.clone(), ready.clone(), done.clone());
-        let senders = scenario.senders;
-        let sending_thread = thread::current();
-        thread::spawn(move || {
-            let progress = Progress {
-                delivered: &delivered,
-                ready: &ready,
-                done: &done,
-                sender: sending_thread,
-            };
-            receive(receivers, sender_inputs, senders, base, &progress)
-        })
+fn parse_options() -> Options {
+    let mut args = pico_args::Arguments::from_env();
+    let _ = args.contains("--bench"); // cargo bench passes it
+    let quick = args.contains("--quick");
+    let persist = args.contains("--persist");
+    let number = |args: &mut pico_args::Arguments, name: &'static str| -> Option<u64> {
+        args.opt_value_from_str(name)
+            .unwrap_or_else(|err| die(&format!("{name}: {err}")))
     };
-    while !ready.load(Ordering::Acquire) {
-        thread::sleep(Duration::from_millis(5));
+    let receivers = number(&mut args, "-n");
+    let senders = number(&mut args, "-p");
+    let size = number(&mut args, "-s").unwrap_or(64) as usize;
+    let messages = number(&mut args, "-m");
+    let window = number(&mut args, "--window").unwrap_or(64);
+    let threads = number(&mut args, "--threads").unwrap_or(1) as usize;
+    let runs = number(&mut args, "--runs").unwrap_or(1).max(1) as usize;
+    let peer: Option<String> = args.opt_value_from_str("--peer").unwrap();
+    let idle: Option<String> = args.opt_value_from_str("--idle").unwrap();
+    let rest = args.finish();
+    if !rest.is_empty() {
+        die(&format!("unknown arguments: {rest:?}"));
     }
-    let cpu_before = server.cpu_seconds();
-    let gen_before = cpu_seconds_of("/proc/self/stat");
-    let started = Instant::now();
-    send(&mut senders, scenario, base, &delivered);
-    wait_for(&delivered, expected);
-    let seconds = started.elapsed().as_secs_f64();
-    let server_cpu = server.cpu_seconds() - cpu_before;
-    let generator_cpu = cpu_seconds_of("/proc/self/stat") - gen_before;
-    done.store(true, Ordering::Release);
-    let (histogram, out_of_order) = receiver_thread.join().expect("receiver thread");
-    Report {
-        scenario: format!(
-            "n={} p={} s={}",
-            scenario.receivers, scenario.senders, scenario.size
-        ),
-        delivered: delivered.load(Ordering::Acquire),
-        expected,
-        out_of_order,
-        seconds,
-        server_cpu,
-        generator_cpu,
-        peak_rss_kb: server.status_kb("VmHWM"),
-        latency_us: percentiles(&histogram),
-        size: scenario.size,
+    if size < 48 {
+        die("-s must be at least 48 bytes (sender, sequence number and timestamp)");
     }
-}
-
-/// Waits until everything is delivered or nothing moves for `STALL`.
-fn wait_for(delivered: &AtomicU64, expected: u64) {
-    let mut last = (delivered.load(Ordering::Acquire), Instant::now());
-    loop {
-        let now = delivered.load(Ordering::Acquire);
-        if now >= expected {
-            return;
-        }
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > STALL {
-            eprintln!("stalled at {now} of {expected} deliveries");
-            return;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Sends every sender's messages, keeping at most `WINDOW_PER_SENDER` per sender in flight.
-/// Whatever the window allows is written in one `write` per sender, as a real client would.
-fn send(senders: &mut [StdStream], scenario: &Scenario, base: Instant, delivered: &AtomicU64) {
-    let receivers = scenario.receivers as u64;
-    let count = senders.len() as u64;
-    let pad = "x".repeat(scenario.size - 32);
-    let mut batch = Vec::new();
-    let mut next_seq = 0u64;
-    while next_seq < scenario.messages_per_sender {
-        let in_flight = next_seq - delivered.load(Ordering::Acquire) / receivers / count;
-        if in_flight >= WINDOW_PER_SENDER {
-            // The receiving thread unparks us when deliveries move; the timeout is a safety net.
-            thread::park_timeout(Duration::from_millis(1));
-            continue;
-        }
-        let room = (WINDOW_PER_SENDER - in_flight).min(scenario.messages_per_sender - next_seq);
-        for sender in senders.iter_mut() {
-            batch.clear();
-            let now = base.elapsed().as_nanos() as u64;
-            for seq in next_seq..next_seq + room {
-                writeln!(batch, "{seq:010} {now:020} {pad}").unwrap();
-            }
-            sender.write_all(&batch).expect("send");
-        }
-        next_seq += room;
-    }
-}
-
-/// How the receiving thread reports to the sending one.
-struct Progress<'a> {
-    delivered: &'a AtomicU64,
-    ready: &'a AtomicBool,
-    done: &'a AtomicBool,
-    /// Parked while its window is full.
-    sender: thread::Thread,
-}
-
-/// One receiving connection's state.
-struct Receiver {
-    socket: TcpStream,
-    buffer: Vec<u8>,
-    next_seq: Vec<u64>,
-}
-
-/// Reads every receiver until `done`; returns the latency histogram and order violations.
-fn receive(
-    sockets: Vec<StdStream>,
-    sender_inputs: Vec<StdStream>,
-    senders: usize,
-    base: Instant,
-    progress: &Progress<'_>,
-) -> (Vec<u64>, u64) {
-    let mut poll = Poll::new().unwrap();
-    let mut receivers: Vec<Receiver> = sockets
-        .into_iter()
-        .enumerate()
-        .map(|(i, socket)| Receiver {
-            socket: register(&poll, socket, i),
-            buffer: Vec::with_capacity(64 * 1024),
-            next_seq: vec![0; senders],
-        })
-        .collect();
-    let receiver_count = receivers.len();
-    let mut discarded: Vec<TcpStream> = sender_inputs
-        .into_iter()
-        .enumerate()
-        .map(|(i, socket)| register(&poll, socket, receiver_count + i))
-        .collect();
-    let mut histogram = vec![0u64; LATENCY_BUCKETS + 1];
-    let mut out_of_order = 0;
-    let mut renames_seen = vec![0usize; receivers.len()];
-    let mut not_ready = receivers.len();
-    let mut chunk = vec![0u8; 256 * 1024];
-    let mut events = Events::with_capacity(4096);
-    let mut local_delivered = 0u64;
-    while !progress.done.load(Ordering::Acquire) {
-        poll.poll(&mut events, Some(Duration::from_millis(20)))
-            .unwrap();
-        for event in events.iter() {
-            let index = event.token().0;
-            if index >= receiver_count {
-                drain(&mut discarded[index - receiver_count], &mut chunk);
-                continue;
-            }
-            let receiver = &mut receivers[index];
-            loop {
-                match receiver.socket.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => receiver.buffer.extend_from_slice(&chunk[..n]),
-                    Err(err) if err.kind() == ErrorKind::WouldBlock => break,
-                    Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-                    Err(err) => panic!("receiver read: {err}"),
-                }
-            }
-            let now = base.elapsed().as_nanos() as u64;
-            let mut start = 0;
-            let buffer = &receiver.buffer;
-            while let Some(end) = buffer[start..].iter().position(|&b| b == b'\n') {
-                let line = &buffer[start..start + end];
-                start += end + 1;
-                if line.starts_with(b"<s") {
-                    let (sender, seq, sent_at) = parse_message(line);
-                    if seq != receiver.next_seq[sender] {
-                        out_of_order += 1;
-                    }
-                    receiver.next_seq[sender] = seq + 1;
-                    let micros = (now.saturating_sub(sent_at) / 1000) as usize;
-                    histogram[micros.min(LATENCY_BUCKETS)] += 1;
-                    local_delivered += 1;
-                } else if line.starts_with(b"* ") && contains(line, b" is now s") {
-                    renames_seen[index] += 1;
-                    if renames_seen[index] == senders {
-                        not_ready -= 1;
-                        if not_ready == 0 {
-                            progress.ready.store(true, Ordering::Release);
-                        }
-                    }
-                }
-            }
-            receiver.buffer.drain(..start);
-        }
-        if progress.delivered.swap(local_delivered, Ordering::AcqRel) != local_delivered {
-            progress.sender.unpark();
-        }
-    }
-    (histogram, out_of_order)
-}
-
-/// Makes `socket` nonblocking and registers it for reading under `token`.
-fn register(poll: &Poll, socket: StdStream, token: usize) -> TcpStream {
-    socket.set_nonblocking(true).unwrap();
-    let mut socket = TcpStream::from_std(socket);
-    poll.registry()
-        .register(&mut socket, Token(token), Interest::READABLE)
-        .unwrap();
-    socket
-}
-
-fn drain(socket: &mut TcpStream, chunk: &mut [u8]) {
-    loop {
-        match socket.read(chunk) {
-            Ok(0) => return,
-            Ok(_) => continue,
-            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        }
-    }
-}
-
-/// `<sP> SEQ TIME pad` → (P, SEQ, TIME).
-fn parse_message(line: &[u8]) -> (usize, u64, u64) {
-    let text = std::str::from_utf8(line).expect("utf-8");
-    let mut parts = text.split(' ');
-    let name = parts.next().unwrap();
-    let sender = name[2..name.len() - 1].parse().expect("sender index");
-    let seq = parts.next().unwrap().parse().expect("sequence");
-    let sent_at = parts.next().unwrap().parse().expect("timestamp");
-    (sender, seq, sent_at)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn percentiles(histogram: &[u64]) -> [u64; 4] {
-    let total: u64 = histogram.iter().sum();
-    let at = |fraction: f64| -> u64 {
-        let target = (total as f64 * fraction).ceil() as u64;
-        let mut seen = 0;
-        for (micros, count) in histogram.iter().enumerate() {
-            seen += count;
-            if seen >= target.max(1) {
-                return micros as u64;
-            }
-        }
-        0
+    let servers = servers(peer.as_deref());
+    let pairs: Vec<(usize, usize)> = match (receivers, senders) {
+        (Some(n), Some(p)) => vec![(n as usize, p as usize)],
+        (None, None) if quick => vec![(10, 1), (10, 10)],
+        (None, None) => [10, 100, 1000]
+            .into_iter()
+            .flat_map(|n| [(n, 1), (n, 10)])
+            .collect(),
+        _ => die("give both -n RECEIVERS and -p SENDERS, or neither"),
     };
-    let max = histogram.iter().rposition(|&c| c > 0).unwrap_or(0) as u64;
-    [at(0.50), at(0.99), at(0.999), max]
+    let deliveries = if quick { QUICK_DELIVERIES } else { DELIVERIES };
+    let only_idle = idle.is_some() && receivers.is_none();
+    let scenarios = if only_idle {
+        Vec::new()
+    } else {
+        pairs
+            .into_iter()
+            .map(|(receivers, senders)| Scenario {
+                receivers,
+                senders,
+                size,
+                messages_per_sender: messages
+                    .unwrap_or(deliveries / (receivers * senders) as u64)
+                    .max(10),
+                window,
+                rate: None,
+                receive_threads: threads,
+            })
+            .collect()
+    };
+    let idle_counts = match idle {
+        Some(list) => list
+            .split(',')
+            .map(|n| {
+                n.parse()
+                    .unwrap_or_else(|_| die("--idle: a list like 1000,10000"))
+            })
+            .collect(),
+        None if quick => vec![200],
+        None => vec![1000, 10_000],
+    };
+    Options {
+        scenarios,
+        servers,
+        runs,
+        persist,
+        idle_counts,
+    }
+}
+
+fn servers(peer: Option<&str>) -> Vec<Kind> {
+    match peer {
+        None => vec![Kind::Peerchat],
+        Some("redis") if redis_available() => vec![Kind::Peerchat, Kind::Redis],
+        Some("redis") => {
+            eprintln!("{REDIS_MISSING}\nRunning peerchat alone.\n");
+            vec![Kind::Peerchat]
+        }
+        Some(other) => die(&format!("--peer: only `redis` is supported, not `{other}`")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Output
 
-fn print_report(r: &Report) {
-    let rate = r.delivered as f64 / r.seconds;
-    let wire_bytes = (r.size + 8) as f64; // "<sN> " + text + "\r\n", about
+fn print_run_header() {
     println!(
-        "{:<18} {:>12.0} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8.2} {:>13.0} {:>8.1} {:>7.2}  {}",
-        r.scenario,
-        rate,
-        rate * wire_bytes / 1e6,
-        r.latency_us[0],
-        r.latency_us[1],
-        r.latency_us[2],
-        r.latency_us[3],
-        r.server_cpu,
-        r.delivered as f64 / r.server_cpu.max(0.01),
-        r.peak_rss_kb as f64 / 1024.0,
-        r.generator_cpu,
-        if r.delivered == r.expected && r.out_of_order == 0 {
-            "yes".to_string()
-        } else {
-            format!(
-                "NO: {} of {}, {} out of order",
-                r.delivered, r.expected, r.out_of_order
-            )
-        }
+        "{:<9} {:<16} {:>3} {:>11} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>11} {:>6} {:>6} {:<10} complete",
+        "server", "scenario", "run", "deliv/s", "MB/s", "p50µs", "p99µs", "p99.9", "max µs",
+        "cpu s", "deliv/cpu-s", "rss MB", "gen s", "limit"
     );
 }
 
-fn save_json(r: &Report) {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-results");
-    let _ = fs::create_dir_all(dir);
-    let line = format!(
-        "{{\"scenario\":\"{}\",\"delivered\":{},\"expected\":{},\"out_of_order\":{},\"seconds\":{:.3},\
-\"delivered_per_s\":{:.0},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\
-\"server_cpu_s\":{:.2},\"generator_cpu_s\":{:.2},\"peak_rss_kb\":{}}}\n",
-        r.scenario,
-        r.delivered,
-        r.expected,
-        r.out_of_order,
-        r.seconds,
-        r.delivered as f64 / r.seconds,
-        r.latency_us[0],
-        r.latency_us[1],
-        r.latency_us[2],
-        r.latency_us[3],
-        r.server_cpu,
-        r.generator_cpu,
-        r.peak_rss_kb
-    );
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(format!("{dir}/broadcast.jsonl"));
-    if let Ok(mut file) = file {
-        let _ = file.write_all(line.as_bytes());
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Idle memory
-
-/// Connects `count` clients that say nothing, drains what the server sends them (join notices),
-/// waits for the server's idle sweep, and reports resident memory per connection.
-fn idle_memory(count: usize) {
-    let server = ServerProcess::start();
-    thread::sleep(Duration::from_millis(200));
-    let empty_kb = server.status_kb("VmRSS");
-    let mut clients: Vec<StdStream> = Vec::with_capacity(count);
-    let mut sink = vec![0u8; 1 << 16];
-    for i in 0..count {
-        let client = StdStream::connect(server.addr).expect("connect idle client");
-        client.set_nonblocking(true).unwrap();
-        clients.push(client);
-        if i % 100 == 99 {
-            drain_all(&mut clients, &mut sink);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        drain_all(&mut clients, &mut sink);
-        thread::sleep(Duration::from_millis(50));
-    }
-    thread::sleep(Duration::from_millis(2500)); // at least two idle sweeps
-    let idle_kb = server.status_kb("VmRSS");
-    let per_conn = (idle_kb.saturating_sub(empty_kb)) as f64 * 1024.0 / count as f64;
+fn print_run(kind: Kind, scenario: &Scenario, run: usize, o: &Outcome) {
+    let complete = if o.complete() {
+        "yes".to_string()
+    } else {
+        format!(
+            "NO: {} of {}, {} out of order",
+            o.delivered, o.expected, o.out_of_order
+        )
+    };
     println!(
-        "idle: {count} connections, server RSS {:.1} MB (empty {:.1} MB), {:.0} bytes per connection",
-        idle_kb as f64 / 1024.0,
-        empty_kb as f64 / 1024.0,
-        per_conn
+        "{:<9} {:<16} {:>3} {:>11.0} {:>7.1} {:>6} {:>6} {:>6} {:>7} {:>6.2} {:>11.0} {:>6.1} {:>6.2} {:<10} {}",
+        kind.name(),
+        scenario.label(),
+        run,
+        o.delivered_per_sec(),
+        o.megabytes_per_sec(),
+        o.latency_us[0],
+        o.latency_us[1],
+        o.latency_us[2],
+        o.latency_us[3],
+        o.server_cpu,
+        o.delivered_per_cpu_sec(),
+        o.peak_rss_kib as f64 / 1024.0,
+        o.generator_cpu,
+        o.limit(),
+        complete
+    );
+    if o.not_saved > 0 {
+        println!("          {} messages reported `! not saved`", o.not_saved);
+    }
+}
+
+fn save_run(kind: Kind, scenario: &Scenario, run: usize, persist: bool, o: &Outcome) {
+    append_json(
+        "broadcast.jsonl",
+        &[
+            ("server", json_str(kind.name())),
+            ("receivers", scenario.receivers.to_string()),
+            ("senders", scenario.senders.to_string()),
+            ("size", scenario.size.to_string()),
+            ("window", scenario.window.to_string()),
+            ("persist", persist.to_string()),
+            ("run", run.to_string()),
+            ("delivered", o.delivered.to_string()),
+            ("expected", o.expected.to_string()),
+            ("out_of_order", o.out_of_order.to_string()),
+            ("not_saved", o.not_saved.to_string()),
+            ("seconds", format!("{:.3}", o.seconds)),
+            ("delivered_per_s", format!("{:.0}", o.delivered_per_sec())),
+            ("mb_per_s", format!("{:.1}", o.megabytes_per_sec())),
+            ("p50_us", o.latency_us[0].to_string()),
+            ("p99_us", o.latency_us[1].to_string()),
+            ("p999_us", o.latency_us[2].to_string()),
+            ("max_us", o.latency_us[3].to_string()),
+            ("server_cpu_s", format!("{:.2}", o.server_cpu)),
+            (
+                "delivered_per_cpu_s",
+                format!("{:.0}", o.delivered_per_cpu_sec()),
+            ),
+            ("peak_rss_kib", o.peak_rss_kib.to_string()),
+            ("generator_cpu_s", format!("{:.2}", o.generator_cpu)),
+            ("limit", json_str(o.limit())),
+        ],
     );
 }
 
-fn drain_all(clients: &mut [StdStream], sink: &mut [u8]) {
-    for client in clients {
-        loop {
-            match client.read(sink) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => break,
-            }
-        }
+/// Per scenario, the best run of each server side by side, with ratios and the goals.
+fn print_summary(summary: &[(Scenario, Vec<(Kind, Outcome)>)]) {
+    println!("\nBest run per server (by delivered/s), side by side:");
+    for (scenario, best) in summary {
+        println!(
+            "\n{:<22} {:>12} {:>12} {:>7}  goal",
+            scenario.label(),
+            "peerchat",
+            "redis",
+            "ratio"
+        );
+        let get = |kind| best.iter().find(|(k, _)| *k == kind).map(|(_, o)| o);
+        let (Some(ours), theirs) = (get(Kind::Peerchat), get(Kind::Redis)) else {
+            continue;
+        };
+        let row = |name: &str, figure: fn(&Outcome) -> f64, goal: Option<(f64, bool)>| {
+            let mine = figure(ours);
+            let (other, ratio) = match theirs {
+                Some(o) => (
+                    format!("{:.0}", figure(o)),
+                    format!("{:.2}", mine / figure(o)),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            let verdict = match (goal, theirs) {
+                (Some((target, higher_is_better)), Some(o)) => {
+                    let met = if higher_is_better {
+                        mine >= target * figure(o)
+                    } else {
+                        mine <= target * figure(o)
+                    };
+                    let sign = if higher_is_better { "≥" } else { "≤" };
+                    format!(
+                        "{sign} {target}× redis: {}",
+                        if met { "met" } else { "NOT MET" }
+                    )
+                }
+                _ => String::new(),
+            };
+            println!("  {name:<20} {mine:>12.0} {other:>12} {ratio:>7}  {verdict}");
+        };
+        row("delivered/s", Outcome::delivered_per_sec, Some((1.5, true)));
+        row("MB/s", Outcome::megabytes_per_sec, None);
+        row("p50 µs", |o| o.latency_us[0] as f64, None);
+        row("p99 µs", |o| o.latency_us[1] as f64, Some((1.0, false)));
+        row("p99.9 µs", |o| o.latency_us[2] as f64, None);
+        row("max µs", |o| o.latency_us[3] as f64, None);
+        row("server CPU ms", |o| o.server_cpu * 1000.0, None);
+        row(
+            "delivered/CPU-s",
+            Outcome::delivered_per_cpu_sec,
+            Some((2.0, true)),
+        );
+        row("peak RSS KiB", |o| o.peak_rss_kib as f64, None);
+        row("generator CPU ms", |o| o.generator_cpu * 1000.0, None);
+        let limits = match theirs {
+            Some(o) => format!("{} / {}", ours.limit(), o.limit()),
+            None => ours.limit().to_string(),
+        };
+        println!("  {:<20} {limits:>25}", "limit (ours / redis)");
     }
 }
