@@ -38,14 +38,14 @@ struct Options {
 }
 
 fn main() {
-    raise_open_file_limit();
+    let open_file_limit = raise_open_file_limit();
     let options = parse_options();
     let mut failed = false;
     if !options.scenarios.is_empty() {
         failed |= fan_out(&options);
     }
     if !options.idle_counts.is_empty() {
-        support::idle::report(&options.idle_counts, &options.servers);
+        support::idle::report(&options.idle_counts, &options.servers, open_file_limit);
     }
     if failed {
         eprintln!(

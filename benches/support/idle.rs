@@ -12,9 +12,17 @@ use super::stats::{append_json, json_str};
 const GOAL_BYTES_PER_CONNECTION: f64 = 1024.0;
 
 /// Measures and prints idle memory per connection for every count and server.
-pub fn report(counts: &[usize], servers: &[Kind]) {
+/// Counts that need more descriptors than `open_file_limit` allows are skipped with a note.
+pub fn report(counts: &[usize], servers: &[Kind], open_file_limit: u64) {
     println!();
     for &count in counts {
+        if count as u64 + 64 > open_file_limit {
+            println!(
+                "idle: {count} connections skipped: the open-file limit is {open_file_limit} \
+                 (raise it with `ulimit -n` as root)"
+            );
+            continue;
+        }
         for &kind in servers {
             let bytes = per_connection(kind, count);
             let verdict = match kind {

@@ -1,6 +1,7 @@
 //! The servers under test, each a child process on a free loopback port, so both are measured
 //! the same way: CPU and memory from /proc.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::die;
+use super::{die, end_with_bench};
 
 pub const PEERCHAT: &str = env!("CARGO_BIN_EXE_peerchat-server");
 
@@ -40,22 +41,25 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `peerchat-server` on a free port with flood control off (the generator sends far
     /// above a person's rate) and room for 10 000 idle clients. `extra` adds flags.
-    pub fn peerchat(extra: &[&str]) -> ServerProcess {
-        let mut child = Command::new(PEERCHAT)
-            .args([
-                "--port",
-                "0",
-                "--flood-rate",
-                "0",
-                "--max-clients",
-                "100000",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| die(&format!("cannot start {PEERCHAT}: {err}")));
+    pub fn peerchat<S: AsRef<OsStr>>(extra: &[S]) -> ServerProcess {
+        let mut child = end_with_bench(
+            Command::new(PEERCHAT)
+                .args([
+                    "--port",
+                    "0",
+                    "--flood-rate",
+                    "0",
+                    "--max-clients",
+                    "100000",
+                ])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+            libc::SIGKILL,
+        )
+        .spawn()
+        .unwrap_or_else(|err| die(&format!("cannot start {PEERCHAT}: {err}")));
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = loop {
             let line = lines
@@ -79,16 +83,19 @@ impl ServerProcess {
     /// for pub/sub clients (peerchat's own limit is generous too). `None` if it is not installed.
     pub fn redis() -> Option<ServerProcess> {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
-            .args(["--maxclients", "100000", "--protected-mode", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+        let child = end_with_bench(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
+                .args(["--maxclients", "100000", "--protected-mode", "no"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            libc::SIGKILL,
+        )
+        .spawn()
+        .ok()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let server = ServerProcess {
             kind: Kind::Redis,

@@ -30,7 +30,7 @@ use time::OffsetDateTime;
 use crate::config::StoreConfig;
 use crate::server::inbox::{ClientRef, LoopInput, LoopSender, SaveFailure};
 use crate::{error, info, warn};
-pub use store::{redact_uri, Store};
+pub use store::{redact_uri, write_concern, Store};
 use watchdog::{Inserter, BATCH_DEADLINE_FACTOR};
 
 /// Most documents in one `insert_many`: large enough to amortise a round trip, small enough
@@ -137,6 +137,11 @@ impl Persister {
     /// ends.
     pub fn close(&mut self) {
         self.queue = None;
+    }
+
+    /// How many accepted messages the thread has finished with (saved or reported), in order.
+    pub fn settled(&self) -> u64 {
+        self.settled.load(Ordering::Acquire)
     }
 
     /// True once the thread has finished with everything it was given (after `close`).

@@ -3,7 +3,7 @@
 
 use bson::{doc, Document};
 use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
-use mongodb::options::{Acknowledgment, ClientOptions};
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::sync::{Client, Collection};
 use mongodb::IndexModel;
 
@@ -126,18 +126,24 @@ fn connect(config: &StoreConfig) -> Result<Collection<Document>, DbError> {
     options.server_selection_timeout = Some(config.timeout);
     options.connect_timeout = Some(config.timeout);
     options.app_name = Some("peerchat".to_string());
-    // An acknowledged message must survive a database crash, so an insert returns once it is
-    // in the on-disk journal, unless the URI asks otherwise (`journal=false`, `w=0`). Without this a
-    // killed database lost messages it had acknowledged moments before.
-    let mut concern = options.write_concern.take().unwrap_or_default();
-    if concern.w != Some(Acknowledgment::Nodes(0)) {
-        concern.journal.get_or_insert(true); // w=0 asks for no answer at all: no journal then
-    }
-    options.write_concern = Some(concern);
+    options.write_concern = Some(write_concern(options.write_concern.take()));
     let client = Client::with_options(options)?;
     Ok(client
         .database(&config.database)
         .collection(&config.collection))
+}
+
+/// The write concern messages are stored with, given the one the URI sets (`None` if it sets
+/// none): the URI's, plus `j: true` unless it sets `journal` or `w=0`. An acknowledged message
+/// must survive a database crash, so an insert returns once it is in the on-disk journal;
+/// without this a killed database lost messages it had acknowledged moments before. `w=0` asks
+/// for no answer at all, so no journal then. Public so the benches measure with the same rule.
+pub fn write_concern(from_uri: Option<WriteConcern>) -> WriteConcern {
+    let mut concern = from_uri.unwrap_or_default();
+    if concern.w != Some(Acknowledgment::Nodes(0)) {
+        concern.journal.get_or_insert(true);
+    }
+    concern
 }
 
 /// The database could not be reached at all (as opposed to refusing the operation).
