@@ -5,11 +5,11 @@
 //! cargo bench --bench broadcast                          # default scenarios, peerchat only
 //! cargo bench --bench broadcast -- --peer redis --runs 3 # side by side with redis-server
 //! cargo bench --bench broadcast -- --quick               # tiny run (CI)
-//! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 20000 --window 64
+//! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 20000 --window 64,256
 //! cargo bench --bench broadcast -- --idle 1000,10000     # idle memory per connection only
 //! ```
 //! Flags: `-n` receivers, `-p` senders, `-s` message bytes, `-m` messages per sender, `--window`
-//! messages in flight per sender, `--threads` receiving threads, `--runs` runs per server (the
+//! messages in flight per sender (a list runs every scenario with each), `--threads` receiving threads, `--runs` runs per server (the
 //! best is kept), `--peer redis`, `--persist` (peerchat stores every message in a SecantusDB the
 //! bench starts), `--idle` counts, `--quick`.
 //!
@@ -112,7 +112,7 @@ fn parse_options() -> Options {
     let senders = number(&mut args, "-p");
     let size = number(&mut args, "-s").unwrap_or(64) as usize;
     let messages = number(&mut args, "-m");
-    let window = number(&mut args, "--window").unwrap_or(64);
+    let windows: Option<String> = args.opt_value_from_str("--window").unwrap();
     let threads = number(&mut args, "--threads").unwrap_or(1) as usize;
     let runs = number(&mut args, "--runs").unwrap_or(1).max(1) as usize;
     let peer: Option<String> = args.opt_value_from_str("--peer").unwrap();
@@ -134,35 +134,33 @@ fn parse_options() -> Options {
             .collect(),
         _ => die("give both -n RECEIVERS and -p SENDERS, or neither"),
     };
+    let windows = number_list("--window", windows.as_deref().unwrap_or("64"));
     let deliveries = if quick { QUICK_DELIVERIES } else { DELIVERIES };
     let only_idle = idle.is_some() && receivers.is_none();
     let scenarios = if only_idle {
         Vec::new()
     } else {
-        pairs
-            .into_iter()
-            .map(|(receivers, senders)| Scenario {
+        windows
+            .iter()
+            .flat_map(|&window| pairs.iter().map(move |&pair| (window, pair)))
+            .map(|(window, (receivers, senders))| Scenario {
                 receivers,
                 senders,
                 size,
                 messages_per_sender: messages
                     .unwrap_or(deliveries / (receivers * senders) as u64)
                     .max(10),
-                window,
+                window: window as u64,
                 rate: None,
                 receive_threads: threads,
             })
             .collect()
     };
+    // Idle memory is part of the default run, not of a single chosen scenario.
     let idle_counts = match idle {
-        Some(list) => list
-            .split(',')
-            .map(|n| {
-                n.parse()
-                    .unwrap_or_else(|_| die("--idle: a list like 1000,10000"))
-            })
-            .collect(),
-        None if quick => vec![200],
+        Some(list) => number_list("--idle", &list),
+        None if receivers.is_some() => Vec::new(),
+        None if quick => vec![1000],
         None => vec![1000, 10_000],
     };
     Options {
@@ -172,6 +170,17 @@ fn parse_options() -> Options {
         persist,
         idle_counts,
     }
+}
+
+/// `64,256` → [64, 256].
+fn number_list(flag: &str, list: &str) -> Vec<usize> {
+    list.split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .unwrap_or_else(|_| die(&format!("{flag}: a number or a list like 64,256")))
+        })
+        .collect()
 }
 
 fn servers(peer: Option<&str>) -> Vec<Kind> {
@@ -191,7 +200,7 @@ fn servers(peer: Option<&str>) -> Vec<Kind> {
 
 fn print_run_header() {
     println!(
-        "{:<9} {:<16} {:>3} {:>11} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>11} {:>6} {:>6} {:<10} complete",
+        "{:<9} {:<22} {:>3} {:>11} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>11} {:>6} {:>6} {:<10} complete",
         "server", "scenario", "run", "deliv/s", "MB/s", "p50µs", "p99µs", "p99.9", "max µs",
         "cpu s", "deliv/cpu-s", "rss MB", "gen s", "limit"
     );
@@ -207,7 +216,7 @@ fn print_run(kind: Kind, scenario: &Scenario, run: usize, o: &Outcome) {
         )
     };
     println!(
-        "{:<9} {:<16} {:>3} {:>11.0} {:>7.1} {:>6} {:>6} {:>6} {:>7} {:>6.2} {:>11.0} {:>6.1} {:>6.2} {:<10} {}",
+        "{:<9} {:<22} {:>3} {:>11.0} {:>7.1} {:>6} {:>6} {:>6} {:>7} {:>6.2} {:>11.0} {:>6.1} {:>6.2} {:<10} {}",
         kind.name(),
         scenario.label(),
         run,
@@ -268,7 +277,7 @@ fn print_summary(summary: &[(Scenario, Vec<(Kind, Outcome)>)]) {
     println!("\nBest run per server (by delivered/s), side by side:");
     for (scenario, best) in summary {
         println!(
-            "\n{:<22} {:>12} {:>12} {:>7}  goal",
+            "\n{:<24} {:>10} {:>12} {:>7}  goal",
             scenario.label(),
             "peerchat",
             "redis",

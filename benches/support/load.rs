@@ -44,7 +44,10 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn label(&self) -> String {
-        format!("n={} p={} s={}", self.receivers, self.senders, self.size)
+        format!(
+            "n={} p={} s={} w={}",
+            self.receivers, self.senders, self.size, self.window
+        )
     }
 
     fn expected(&self) -> u64 {
