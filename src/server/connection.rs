@@ -151,7 +151,7 @@ struct OutputBuffer {
 
 /// A drained output buffer above this capacity is freed at once: a burst should not leave
 /// its memory behind. Smaller ones are kept for reuse until the idle sweep.
-const KEEP_OUTPUT_CAPACITY: usize = 64 * 1024;
+const KEEP_OUTPUT_CAPACITY: usize = 256 * 1024;
 
 impl OutputBuffer {
     fn pending(&self) -> &[u8] {
@@ -163,8 +163,10 @@ impl OutputBuffer {
     }
 
     fn push(&mut self, data: &[u8]) {
-        // Reclaim the written prefix once it is at least half the buffer: amortised O(1).
-        if self.head > 0 && self.head * 2 >= self.bytes.len() {
+        // Reclaim the written prefix only when the buffer would otherwise grow, and only if it
+        // is at least half of what is there: each byte is moved at most once on average.
+        let would_grow = self.bytes.len() + data.len() > self.bytes.capacity();
+        if would_grow && self.head > 0 && self.head * 2 >= self.bytes.len() {
             self.bytes.drain(..self.head);
             self.head = 0;
         }
