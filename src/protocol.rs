@@ -71,6 +71,15 @@ pub fn parse(line: &str) -> Command<'_> {
 /// and every other control character except TAB (C0, DEL, C1) is dropped. The common case,
 /// clean UTF-8, is returned borrowed without copying.
 pub fn sanitize(bytes: &[u8]) -> Cow<'_, str> {
+    // Printable ASCII needs no decoding and no search for controls: one pass over the bytes.
+    if bytes
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            return Cow::Borrowed(text);
+        }
+    }
     let text = String::from_utf8_lossy(bytes);
     if !text.chars().any(is_forbidden) {
         return text;
@@ -299,6 +308,20 @@ mod tests {
             sanitize("héllo\tworld".as_bytes()),
             Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn sanitize_passes_every_printable_ascii_byte_and_only_those() {
+        // The printable-ASCII shortcut must agree with the full path byte by byte.
+        for byte in 0..=0x7f_u8 {
+            let line = [b'a', byte, b'z'];
+            let expected = if byte == b'\t' || (b' '..=b'~').contains(&byte) {
+                format!("a{}z", byte as char)
+            } else {
+                "az".to_string()
+            };
+            assert_eq!(sanitize(&line), expected, "byte {byte:#04x}");
+        }
     }
 
     #[test]

@@ -421,3 +421,24 @@ fn count_lines_until(chat: Chat, line: &str, count: usize) -> usize {
     }
     seen
 }
+
+#[test]
+fn lines_sent_in_one_write_keep_their_order_around_notices() {
+    // The server gathers a sender's chat lines and copies them to the others in one piece;
+    // a rename in between must still arrive between them.
+    let server = start_chat_only();
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    alice.send_bytes(b"one\ntwo\n/nick alicia\nthree\n/who\nfour\n");
+    assert_eq!(bob.line(), "<alice> one");
+    assert_eq!(bob.line(), "<alice> two");
+    assert_eq!(bob.line(), "* alice is now alicia");
+    assert_eq!(bob.line(), "<alicia> three");
+    assert_eq!(bob.line(), "<alicia> four");
+    assert_eq!(alice.line(), "* alice is now alicia");
+    assert!(alice.line().starts_with("* 2 online"), "the /who answer");
+    alice.expect_silence(Duration::from_millis(100));
+
+    // Gathered lines are sent on when the sender's input is handled, not held for more.
+    alice.send("five");
+    assert_eq!(bob.line(), "<alicia> five");
+}

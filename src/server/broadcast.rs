@@ -1,9 +1,11 @@
 //! The room: every connection, and delivering lines to one, some or all of them.
 //!
 //! A line is encoded once into a scratch buffer and its bytes are copied into each recipient's
-//! output buffer; nothing is written to sockets here. Recipients are put on a flush list and the
-//! event loop writes each one once per turn, so a burst of messages costs one write per
-//! recipient, not one per message per recipient.
+//! output buffer; nothing is written to sockets here. Chat lines from one sender are gathered
+//! and copied to everyone else in one piece (until another line is sent, or the loop calls
+//! `send_gathered_chat` after each client's input), so a burst of lines costs one copy per
+//! recipient, not one per line per recipient. Recipients are put on a flush list and the event
+//! loop writes each one once per turn.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -33,8 +35,15 @@ pub struct Room {
     to_reap: Vec<usize>,
     /// Where a line is encoded once before being copied to recipients.
     line: Vec<u8>,
+    /// Chat lines from `chat_from`, encoded, not yet copied to the others.
+    gathered_chat: Vec<u8>,
+    chat_from: Option<usize>,
     limits: ClientLimits,
 }
+
+/// Gathered chat is sent on once it reaches this size, so one copy stays cache-friendly and the
+/// output limit is judged on pieces of a sensible size.
+const GATHER_AT_MOST: usize = 16 * 1024;
 
 impl Room {
     pub fn new(limits: ClientLimits) -> Self {
@@ -45,6 +54,8 @@ impl Room {
             to_flush: Vec::new(),
             to_reap: Vec::new(),
             line: Vec::new(),
+            gathered_chat: Vec::new(),
+            chat_from: None,
             limits,
         }
     }
@@ -139,15 +150,34 @@ impl Room {
             .any(|(slot, conn)| slot != except && conn.name.eq_ignore_ascii_case(name))
     }
 
-    /// `<NAME> TEXT` to every open connection except the sender.
+    /// `<NAME> TEXT` to every open connection except the sender, gathered with the sender's
+    /// next lines (see the module docs).
     pub fn chat(&mut self, from: usize, name: &str, text: &str) {
-        self.line.clear();
-        protocol::write_chat(&mut self.line, name, text);
+        if self.chat_from != Some(from) {
+            self.send_gathered_chat();
+        }
+        protocol::write_chat(&mut self.gathered_chat, name, text);
+        self.chat_from = Some(from);
+        if self.gathered_chat.len() >= GATHER_AT_MOST {
+            self.send_gathered_chat();
+        }
+    }
+
+    /// Copies the gathered chat lines to everyone but their sender. Every other kind of line
+    /// calls this first, so all recipients see lines in the order they were sent.
+    pub fn send_gathered_chat(&mut self) {
+        let Some(from) = self.chat_from.take() else {
+            return;
+        };
+        std::mem::swap(&mut self.line, &mut self.gathered_chat);
         self.fan_out(Some(from));
+        std::mem::swap(&mut self.line, &mut self.gathered_chat);
+        self.gathered_chat.clear();
     }
 
     /// `* TEXT` to every open connection except `except`.
     pub fn notice_all(&mut self, except: Option<usize>, text: &str) {
+        self.send_gathered_chat();
         self.line.clear();
         protocol::write_notice(&mut self.line, text);
         self.fan_out(except);
@@ -155,6 +185,7 @@ impl Room {
 
     /// `* TEXT` to one connection.
     pub fn notice(&mut self, slot: usize, text: &str) {
+        self.send_gathered_chat();
         self.line.clear();
         protocol::write_notice(&mut self.line, text);
         self.deliver(slot);
@@ -162,6 +193,7 @@ impl Room {
 
     /// `! TEXT` to one connection.
     pub fn error(&mut self, slot: usize, text: &str) {
+        self.send_gathered_chat();
         self.line.clear();
         protocol::write_error(&mut self.line, text);
         self.deliver(slot);
@@ -183,6 +215,7 @@ impl Room {
 
     /// Hands over the slots that have output queued, clearing their scheduled flag.
     pub fn take_flush_list(&mut self, into: &mut Vec<usize>) {
+        self.send_gathered_chat();
         into.append(&mut self.to_flush);
         for &slot in into.iter() {
             if let Some(conn) = self.get_mut(slot) {
@@ -211,9 +244,11 @@ impl Room {
         for conn in self.slots.iter_mut().flatten() {
             freed += conn.shrink_if_idle();
         }
-        if self.line.capacity() > self.limits.max_line * 2 + 64 {
-            freed += self.line.capacity();
-            self.line = Vec::new();
+        for buffer in [&mut self.line, &mut self.gathered_chat] {
+            if buffer.capacity() > GATHER_AT_MOST + self.limits.max_line * 2 + 64 {
+                freed += buffer.capacity();
+                *buffer = Vec::new();
+            }
         }
         freed
     }

@@ -289,6 +289,7 @@ impl EventLoop {
                 Input::TooLong => chat::too_long(&mut self.room, slot),
             }
         }
+        self.room.send_gathered_chat();
         match outcome {
             ReadOutcome::Drained => {}
             ReadOutcome::BudgetSpent => self.read_again.push(client),
