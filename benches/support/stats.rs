@@ -3,10 +3,13 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 
-/// 1 µs buckets up to this many µs; anything slower lands in the last one.
-const LATENCY_BUCKETS: usize = 1_000_000;
+/// 1 µs buckets up to this many µs...
+const FINE_UNTIL: u64 = 100_000;
+/// ...then 1 ms buckets up to this many µs; anything slower lands in the last one.
+const COARSE_UNTIL: u64 = 100_000_000;
+const BUCKETS: usize = (FINE_UNTIL + (COARSE_UNTIL - FINE_UNTIL) / 1000) as usize + 1;
 
-/// Latencies in whole microseconds.
+/// Latencies in microseconds: exact below 100 ms, to the millisecond up to 100 s.
 #[derive(Clone)]
 pub struct Histogram {
     counts: Vec<u64>,
@@ -15,14 +18,19 @@ pub struct Histogram {
 impl Default for Histogram {
     fn default() -> Self {
         Histogram {
-            counts: vec![0; LATENCY_BUCKETS + 1],
+            counts: vec![0; BUCKETS],
         }
     }
 }
 
 impl Histogram {
     pub fn record(&mut self, micros: u64) {
-        self.counts[(micros as usize).min(LATENCY_BUCKETS)] += 1;
+        let bucket = if micros < FINE_UNTIL {
+            micros
+        } else {
+            FINE_UNTIL + (micros.min(COARSE_UNTIL) - FINE_UNTIL) / 1000
+        };
+        self.counts[bucket as usize] += 1;
     }
 
     pub fn merge(&mut self, other: &Histogram) {
@@ -37,16 +45,26 @@ impl Histogram {
         let at = |fraction: f64| -> u64 {
             let target = ((total as f64 * fraction).ceil() as u64).max(1);
             let mut seen = 0;
-            for (micros, count) in self.counts.iter().enumerate() {
+            for (bucket, count) in self.counts.iter().enumerate() {
                 seen += count;
                 if seen >= target {
-                    return micros as u64;
+                    return micros_of(bucket);
                 }
             }
             0
         };
-        let max = self.counts.iter().rposition(|&c| c > 0).unwrap_or(0) as u64;
-        [at(0.50), at(0.99), at(0.999), max]
+        let max = self.counts.iter().rposition(|&c| c > 0).unwrap_or(0);
+        [at(0.50), at(0.99), at(0.999), micros_of(max)]
+    }
+}
+
+/// The lowest latency in µs that `bucket` holds.
+fn micros_of(bucket: usize) -> u64 {
+    let bucket = bucket as u64;
+    if bucket < FINE_UNTIL {
+        bucket
+    } else {
+        FINE_UNTIL + (bucket - FINE_UNTIL) * 1000
     }
 }
 
