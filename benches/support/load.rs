@@ -495,13 +495,7 @@ impl Frames {
         if let Some((sender, text_at)) = nick_prefix(bytes) {
             let end = text_at + self.size + 2;
             if bytes.len() >= end && bytes[end - 1] == b'\n' {
-                let (seq, sent_at) = numbers(&bytes[text_at..]);
-                let frame = Frame::Delivery {
-                    sender,
-                    seq,
-                    sent_at,
-                };
-                return Some((frame, end));
+                return Some((delivery(sender, &bytes[text_at..]), end));
             }
         }
         let end = bytes.iter().position(|&b| b == b'\n')? + 1;
@@ -529,13 +523,7 @@ impl Frames {
             }
             let payload = &bytes[header.len()..];
             let (sender, numbers_at) = sender_tag(payload);
-            let (seq, sent_at) = numbers(&payload[numbers_at..]);
-            let frame = Frame::Delivery {
-                sender,
-                seq,
-                sent_at,
-            };
-            return Some((frame, end));
+            return Some((delivery(sender, &payload[numbers_at..]), end));
         }
         let end = bytes.iter().position(|&b| b == b'\n')? + 1;
         let frame = if &bytes[..end] == b"subscribe\r\n" {
@@ -571,11 +559,13 @@ fn sender_tag(payload: &[u8]) -> (usize, usize) {
     (sender, 2 + digits)
 }
 
-/// The sequence number and send time at the start of a message's text.
-fn numbers(text: &[u8]) -> (u64, u64) {
-    let seq = parse_digits(&text[..10]).0 as u64;
-    let sent_at = parse_digits(&text[11..31]).0 as u64;
-    (seq, sent_at)
+/// A delivery from `sender` whose text (`SEQ TIME padding`) starts `text`.
+fn delivery(sender: usize, text: &[u8]) -> Frame {
+    Frame::Delivery {
+        sender,
+        seq: parse_digits(&text[..10]).0 as u64,
+        sent_at: parse_digits(&text[11..31]).0 as u64,
+    }
 }
 
 /// The decimal number at the start of `bytes` and how many digits it had.
