@@ -33,18 +33,17 @@ mod support;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bson::oid::ObjectId;
 use bson::{doc, Document};
-use mio::{Poll, Token, Waker};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::sync::Collection;
 use mongodb::IndexModel;
 use peerchat::config::{DEFAULT_MONGO_COLLECTION, DEFAULT_PERSIST_QUEUE};
-use peerchat::persist::{self, PersistStats, Persister, Record, MAX_BATCH};
-use peerchat::server::inbox::{ClientRef, Inbox, LoopInput};
+use peerchat::persist::{self, ClientRef, PersistStats, Persister, Record, SaveFailure, MAX_BATCH};
 use peerchat::StoreConfig;
 use time::OffsetDateTime;
 
@@ -74,6 +73,9 @@ const GOAL_CPU_OVERHEAD: f64 = 0.10;
 const STALL: Duration = Duration::from_secs(30);
 /// How often sections 3 and 4 look at the persistence thread.
 const TICK: Duration = Duration::from_micros(100);
+/// Batches of failure reports the thread may hand over before it waits for the bench to read
+/// them (the server's inbox is bounded the same way).
+const REPORTS_IN_FLIGHT: usize = 256;
 /// Receivers and senders of the fan-out runs.
 const FAN_OUT_RECEIVERS: usize = 100;
 const FAN_OUT_SENDERS: usize = 10;
@@ -465,13 +467,11 @@ fn latency_at_steady_rate(bench: &Bench, batched_per_s: f64) {
     );
 }
 
-/// The real persistence thread, with the bench in the event loop's place: it holds the inbox
+/// The real persistence thread, with the bench in the event loop's place: it holds the channel
 /// the thread reports to, and reads what is reported there.
 struct Rig {
     persister: Persister,
-    inbox: Inbox,
-    /// The inbox's waker needs a live poll. Nobody waits on it: the bench reads the inbox.
-    _poll: Poll,
+    inbox: Receiver<Vec<SaveFailure>>,
     /// Messages the queue took.
     submitted: u64,
     /// Reasons given for messages reported not saved. There should be none.
@@ -488,16 +488,12 @@ impl Rig {
         let mut config = StoreConfig::new(&db.uri);
         config.database = db.name.clone();
         config.collection = collection.to_string();
-        let poll = Poll::new().unwrap_or_else(|err| die(&format!("mio poll: {err}")));
-        let waker = Waker::new(poll.registry(), Token(0))
-            .unwrap_or_else(|err| die(&format!("mio waker: {err}")));
-        let (loop_sender, inbox) = Inbox::new(waker);
-        let persister = Persister::start(config, loop_sender)
+        let (reports, inbox) = mpsc::sync_channel(REPORTS_IN_FLIGHT);
+        let persister = Persister::start(config, reports)
             .unwrap_or_else(|err| die(&format!("starting the persistence thread: {err}")));
         let mut rig = Rig {
             persister,
             inbox,
-            _poll: poll,
             submitted: 0,
             not_saved: Vec::new(),
             progress: (0, Instant::now()),
@@ -570,11 +566,9 @@ impl Rig {
     }
 }
 
-fn drain_into(inbox: &Inbox, not_saved: &mut Vec<String>) {
-    while let Some(input) = inbox.next() {
-        if let LoopInput::NotSaved(failures) = input {
-            not_saved.extend(failures.into_iter().map(|failure| failure.reason));
-        }
+fn drain_into(inbox: &Receiver<Vec<SaveFailure>>, not_saved: &mut Vec<String>) {
+    for failures in inbox.try_iter() {
+        not_saved.extend(failures.into_iter().map(|failure| failure.reason));
     }
 }
 

@@ -20,7 +20,9 @@
 //! - [`framing`]: bytes to lines, with a bounded tail (pure).
 //! - [`protocol`]: what a line means and every line the server sends (pure).
 //! - [`server`]: binding and running; inside it the event loop, connections (socket + buffers),
-//!   the room (broadcast), the chat rules, flood control, the open-file limit, and the inbox.
+//!   the room (broadcast), the chat rules, flood control, and the inbox.
+//! - [`fd_limit`]: raises the process's open-file limit and fits `--max-clients` to it; only
+//!   programs call it (the server binary, benches), never the library on its own.
 //! - [`persist`]: the persistence queue and thread, the stored document; inside it the batch
 //!   watchdog and the driver calls (`store`).
 //! - [`client`]: the terminal client.
@@ -29,6 +31,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod fd_limit;
 pub mod framing;
 pub mod log;
 pub mod persist;

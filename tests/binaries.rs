@@ -435,7 +435,7 @@ fn shutdown_timeout_bounds_the_wait_for_a_hung_database() {
 fn a_client_that_never_reads_does_not_hold_up_storing_at_shutdown() {
     let db = TestDb::start();
     let flags = format!(
-        "--mongo-uri '{}' --mongo-db '{}' --flood-rate 0 --shutdown-timeout 2 --max-output 67108864",
+        "--mongo-uri '{}' --mongo-db '{}' --flood-rate 0 --shutdown-timeout 8 --max-output 67108864",
         db.uri, db.database
     );
     let (mut server, addr) = spawn_server("", &flags);

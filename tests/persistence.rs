@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
 use common::{alice_and_bob, start_server, Chat, TestDb};
+use peerchat::persist::ClientRef;
 use peerchat::persist::{Record, Store};
-use peerchat::server::inbox::ClientRef;
 use peerchat::ServerConfig;
 use time::OffsetDateTime;
 

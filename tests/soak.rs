@@ -110,7 +110,7 @@ fn thousand_clients_churn_through_a_database_restart() {
 
 /// Raises the open-file limit and checks that it leaves a socket for every seat.
 fn fd_limit_for_all_seats() -> u64 {
-    let fd_limit = raise_fd_limit();
+    let fd_limit = peerchat::fd_limit::raise_open_file_limit().expect("getrlimit");
     assert!(
         fd_limit >= SEATS as u64 + 200,
         "the test needs more than {SEATS} descriptors; the limit is {fd_limit}"
@@ -522,37 +522,6 @@ fn sleep_until(when: Instant) {
     if when > now {
         thread::sleep(when - now);
     }
-}
-
-/// Raises this process's soft open-file limit to the hard limit and returns the new soft limit:
-/// every client seat holds a socket.
-fn raise_fd_limit() -> u64 {
-    #[repr(C)]
-    struct Rlimit {
-        cur: u64,
-        max: u64,
-    }
-    extern "C" {
-        fn getrlimit(resource: i32, rlim: *mut Rlimit) -> i32;
-        fn setrlimit(resource: i32, rlim: *const Rlimit) -> i32;
-    }
-    const RLIMIT_NOFILE: i32 = 7; // Linux
-    let mut limit = Rlimit { cur: 0, max: 0 };
-    // SAFETY: getrlimit and setrlimit only read or write the struct passed, which has the
-    // layout of `struct rlimit` on 64-bit Linux (two rlim_t, which are u64).
-    unsafe {
-        assert_eq!(getrlimit(RLIMIT_NOFILE, &mut limit), 0, "getrlimit");
-        if limit.cur < limit.max {
-            let raised = Rlimit {
-                cur: limit.max,
-                max: limit.max,
-            };
-            if setrlimit(RLIMIT_NOFILE, &raised) == 0 {
-                limit.cur = limit.max;
-            }
-        }
-    }
-    limit.cur
 }
 
 // ---------------------------------------------------------------------------------------------

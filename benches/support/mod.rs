@@ -40,19 +40,7 @@ pub fn end_with_bench(command: &mut Command, signal: libc::c_int) -> &mut Comman
 }
 
 /// Raises this process's open-file limit to its hard limit: the generator holds one socket per
-/// simulated client, thousands of them.
+/// simulated client, thousands of them. Returns the limit now in force.
 pub fn raise_open_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    limit.rlim_cur
+    peerchat::fd_limit::raise_open_file_limit().unwrap_or(1024)
 }

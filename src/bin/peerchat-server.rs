@@ -3,16 +3,20 @@
 use std::process::ExitCode;
 
 use peerchat::config::{self, config_or_exit};
-use peerchat::{error, Server};
+use peerchat::{error, fd_limit, Server};
 
 fn main() -> ExitCode {
     let args = std::env::args_os().skip(1).collect();
     let env_uri = std::env::var(config::MONGO_URI_ENV).ok();
     let parsed = config::parse_server_args(args, env_uri);
-    let config = match config_or_exit("peerchat-server", config::SERVER_HELP, parsed) {
+    let mut config = match config_or_exit("peerchat-server", config::SERVER_HELP, parsed) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Every client is a descriptor: take what the system allows, and serve no more clients
+    // than fit. The binary does this, not `Server::bind`, which tests and embedders call.
+    let open_files = fd_limit::raise_open_file_limit();
+    config.max_clients = fd_limit::max_clients(config.max_clients, open_files);
     let served = Server::bind(config).and_then(|server| {
         server.handle().shutdown_on_signals()?;
         server.run()

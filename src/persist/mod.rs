@@ -28,7 +28,6 @@ use bson::{doc, DateTime, Document};
 use time::OffsetDateTime;
 
 use crate::config::StoreConfig;
-use crate::server::inbox::{ClientRef, LoopInput, LoopSender, SaveFailure};
 use crate::{error, info, warn};
 pub use store::{redact_uri, write_concern, Store};
 use watchdog::{Inserter, BATCH_DEADLINE_FACTOR};
@@ -36,6 +35,39 @@ use watchdog::{Inserter, BATCH_DEADLINE_FACTOR};
 /// Most documents in one `insert_many`: large enough to amortise a round trip, small enough
 /// that one batch stays far below MongoDB's 48 MB message limit at the longest lines.
 pub const MAX_BATCH: usize = 1000;
+
+/// Names one connection for the lifetime of the server: its slot and its never-reused id. The
+/// persistence thread hands it back with each failure, so a late report can never reach a
+/// different client that got the same slot later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientRef {
+    pub slot: usize,
+    pub id: u64,
+}
+
+/// A chat message that could not be stored, to be reported to its sender.
+#[derive(Debug)]
+pub struct SaveFailure {
+    pub sender: ClientRef,
+    pub content: String,
+    pub reason: String,
+}
+
+/// Where the persistence thread sends the failures its senders must hear about. The server's
+/// event loop implements it with its inbox; persistence knows nothing of the loop.
+pub trait Reporter: Send + 'static {
+    /// Hands over one batch's failures; may block while the receiver is full (this runs on the
+    /// persistence thread, never on the loop). Failures for a receiver that is gone are dropped:
+    /// the server is stopping.
+    fn not_saved(&self, failures: Vec<SaveFailure>);
+}
+
+/// A plain channel as a reporter, for programs that drive a `Persister` without a server.
+impl Reporter for SyncSender<Vec<SaveFailure>> {
+    fn not_saved(&self, failures: Vec<SaveFailure>) {
+        let _ = self.send(failures);
+    }
+}
 
 /// A chat message on its way to the database, with everything its document needs.
 #[derive(Debug)]
@@ -94,7 +126,7 @@ pub struct PersistStats {
 impl Persister {
     /// Starts the persistence thread. It connects in the background: an unreachable database
     /// is logged, not fatal, and the thread keeps trying with every batch.
-    pub fn start(config: StoreConfig, results: LoopSender) -> std::io::Result<Persister> {
+    pub fn start(config: StoreConfig, results: impl Reporter) -> std::io::Result<Persister> {
         let (queue, incoming) = mpsc::sync_channel(config.queue_capacity);
         let settled = Arc::new(AtomicU64::new(0));
         let thread_settled = settled.clone();
@@ -178,7 +210,7 @@ impl Persister {
 fn run(
     config: StoreConfig,
     incoming: Receiver<Record>,
-    results: LoopSender,
+    results: impl Reporter,
     settled: &AtomicU64,
 ) -> PersistStats {
     let deadline = config.timeout * BATCH_DEADLINE_FACTOR;
@@ -208,7 +240,7 @@ fn run(
 }
 
 /// Sends the failed messages of `batch` back to the loop for their senders.
-fn report(results: &LoopSender, batch: &mut [Record], failures: Vec<(usize, String)>) {
+fn report(results: &impl Reporter, batch: &mut [Record], failures: Vec<(usize, String)>) {
     if failures.is_empty() {
         return;
     }
@@ -220,14 +252,13 @@ fn report(results: &LoopSender, batch: &mut [Record], failures: Vec<(usize, Stri
             reason,
         })
         .collect();
-    // If the loop is gone the server is stopping; keep storing what is queued.
-    let _ = results.send(LoopInput::NotSaved(reports));
+    results.not_saved(reports);
 }
 
 /// Without a database thread nothing can be stored: say so for every message.
 fn report_all_unsaved(
     incoming: Receiver<Record>,
-    results: &LoopSender,
+    results: &impl Reporter,
     settled: &AtomicU64,
 ) -> PersistStats {
     let mut stats = PersistStats::default();

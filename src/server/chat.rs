@@ -1,6 +1,6 @@
 //! What each client line does: chat, commands, joins and leaves, and save failures.
 //!
-//! The rules of the chat, between the wire (`protocol`) and delivery (`broadcast::Room`). No I/O:
+//! The rules of the chat, between the wire (`protocol`) and delivery (`room::Room`). No I/O:
 //! it only queues lines in the room and hands messages to the persistence queue.
 
 use std::net::SocketAddr;
@@ -8,11 +8,10 @@ use std::time::Instant;
 
 use time::OffsetDateTime;
 
-use super::broadcast::Room;
 use super::connection::CloseReason;
 use super::flood::Verdict;
-use super::inbox::SaveFailure;
-use crate::persist::{Persister, Record, SubmitError};
+use super::room::Room;
+use crate::persist::{Persister, Record, SaveFailure, SubmitError};
 use crate::protocol::{self, Command};
 
 /// Greets a new client and tells the others.

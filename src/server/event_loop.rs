@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use super::broadcast::Room;
 use super::chat;
 use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
 use super::heap;
-use super::inbox::{ClientRef, Inbox, LoopInput};
+use super::inbox::{Inbox, LoopInput};
+use super::room::Room;
 use crate::config::ClientLimits;
-use crate::persist::Persister;
+use crate::persist::{ClientRef, Persister};
 use crate::protocol;
 use crate::telnet::HEADROOM;
 use crate::{error, info, warn};

@@ -9,13 +9,10 @@
 /// Returns free heap pages to the OS where the allocator supports it (glibc); elsewhere a no-op.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn give_back_free_memory() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> i32;
-    }
     // SAFETY: malloc_trim only releases memory that the allocator holds as free; it touches
     // no live allocation and is thread-safe in glibc.
     unsafe {
-        malloc_trim(0);
+        libc::malloc_trim(0);
     }
 }
 

@@ -10,24 +10,11 @@ use std::sync::Arc;
 
 use mio::Waker;
 
+use crate::persist::{Reporter, SaveFailure};
+
 /// Items in flight to the loop before senders wait. Each item is a whole batch of results, so
 /// this is small; a sender that waits is another thread, never the loop.
 const INBOX_CAPACITY: usize = 256;
-
-/// Names one connection for the lifetime of the server: its slot and its never-reused id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientRef {
-    pub slot: usize,
-    pub id: u64,
-}
-
-/// A chat message that could not be stored, to be reported to its sender.
-#[derive(Debug)]
-pub struct SaveFailure {
-    pub sender: ClientRef,
-    pub content: String,
-    pub reason: String,
-}
 
 /// What other threads tell the loop.
 #[derive(Debug)]
@@ -57,6 +44,14 @@ impl LoopSender {
         // poll exists; the loop also drains the inbox at the end of every turn.
         let _ = self.waker.wake();
         Ok(())
+    }
+}
+
+/// Save failures come to the loop like everything else from other threads.
+impl Reporter for LoopSender {
+    fn not_saved(&self, failures: Vec<SaveFailure>) {
+        // If the loop is gone the server is stopping; the thread keeps storing what is queued.
+        let _ = self.send(LoopInput::NotSaved(failures));
     }
 }
 

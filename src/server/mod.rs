@@ -4,14 +4,13 @@
 //! real address before serving; port 0 picks a free one. `Server::run` serves on the calling
 //! thread until a `ServerHandle` asks it to stop.
 
-mod broadcast;
 mod chat;
 mod connection;
 mod event_loop;
-mod fd_limit;
 mod flood;
 mod heap;
 pub mod inbox;
+mod room;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::thread::{self, JoinHandle};
@@ -103,15 +102,13 @@ impl Server {
                 None
             }
         };
-        let max_clients =
-            fd_limit::max_clients(config.max_clients, fd_limit::raise_open_file_limit());
         let event_loop = EventLoop::new(
             poll,
             listener,
             inbox,
             persister,
             config.limits,
-            max_clients,
+            config.max_clients,
             config.shutdown_timeout,
         )?;
         Ok(Server {

@@ -15,8 +15,8 @@ use mio::{Registry, Token};
 
 use super::connection::{CloseReason, Connection};
 use super::flood::Verdict;
-use super::inbox::ClientRef;
 use crate::config::ClientLimits;
+use crate::persist::ClientRef;
 use crate::protocol;
 
 /// Tokens below this are the listener and the waker; client slot `n` has token `n + FIRST`.
