@@ -8,6 +8,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::log::Level;
+
 /// Default listen host: loopback, so a fresh install is not open to the network by accident.
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 /// Default port (the original design's).
@@ -30,6 +32,18 @@ pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// How long a stopping server waits, in seconds, for clients to take their last output and for
 /// accepted messages to be stored.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+/// Connections the kernel may hold waiting for `accept`. After a restart every client reconnects
+/// at once; a short queue drops the excess SYNs and the kernel retries them only after a second.
+/// 1024 as Redis' `tcp-backlog` is 511 and nginx's is 511 (Linux) or more; like theirs, the
+/// system's `net.core.somaxconn` caps it.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Joins (and leaves) within this interval of the last announced one are gathered into one
+/// notice at its end, so a reconnect storm costs one line per client, not one per pair.
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+/// Idle seconds before TCP keepalive probes a silent peer. A client whose host vanished (power
+/// loss, NAT timeout) sends no FIN or RST; without probes it would hold its slot and name
+/// forever. Redis defaults to 300; a minute frees dead slots sooner at a negligible cost.
+pub const DEFAULT_KEEPALIVE_SECS: u64 = 60;
 /// Database used when `PEERCHAT_MONGO_URI` and `--mongo-uri` are absent.
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017";
 /// Environment variable that supplies the MongoDB URI.
@@ -50,9 +64,17 @@ pub const DEFAULT_PERSIST_QUEUE: usize = 10_000;
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
+    /// Requested listen backlog; the system may cap it.
+    pub backlog: u32,
     pub limits: ClientLimits,
     pub max_clients: usize,
     pub shutdown_timeout: Duration,
+    /// Zero announces every join and leave at once.
+    pub presence_interval: Duration,
+    /// `None` with `--keepalive 0`.
+    pub keepalive: Option<Duration>,
+    /// Log lines below this level are not written (`--log-level`).
+    pub log_level: Level,
     /// `None` with `--no-persist`: no database at all.
     pub store: Option<StoreConfig>,
 }
@@ -115,9 +137,13 @@ impl ServerConfig {
         ServerConfig {
             host: DEFAULT_HOST.to_string(),
             port: 0,
+            backlog: DEFAULT_BACKLOG,
             limits: ClientLimits::default(),
             max_clients: DEFAULT_MAX_CLIENTS,
             shutdown_timeout: Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            presence_interval: DEFAULT_PRESENCE_INTERVAL,
+            keepalive: Some(Duration::from_secs(DEFAULT_KEEPALIVE_SECS)),
+            log_level: Level::Info,
             store,
         }
     }
@@ -145,14 +171,17 @@ Usage: peerchat-server [OPTIONS]
 Options:
   --host HOST              address to listen on [default: 127.0.0.1]
   --port PORT              port to listen on, 0 for any free port [default: 55556]
+  --backlog N              connections waiting to be accepted; capped by the system's
+                           net.core.somaxconn [default: 1024]
   --max-line BYTES         longest accepted line, newline excluded [default: 4096]
   --max-output BYTES       output pending for one client before it is disconnected
                            as a slow consumer [default: 1048576]
   --max-overlong N         overlong lines a client may send in a row; the next one
                            disconnects it [default: 3]
-  --flood-rate LINES       lines per second a client may send on average; excess lines
-                           are dropped with one warning per burst; 0 turns flood control
-                           off [default: 20]
+  --flood-rate LINES       lines per second a client may send on average; a client over
+                           it is read more slowly (its lines are delayed, never dropped),
+                           with one warning per burst; 0 turns flood control off
+                           [default: 20]
   --flood-burst LINES      lines a client may send at once before --flood-rate applies
                            [default: 40]
   --max-clients N          clients served at once; more are told the server is full.
@@ -160,6 +189,13 @@ Options:
                            hard limit at start [default: 10000]
   --shutdown-timeout SECS  on SIGINT/SIGTERM, how long to wait for clients to take their
                            last output and for accepted messages to be stored [default: 10]
+  --presence-interval SECS joins (and leaves) within this long of the last announced one
+                           are gathered into one notice; 0 announces each at once
+                           [default: 1]
+  --keepalive SECS         idle seconds before TCP keepalive probes a silent client (then
+                           3 probes SECS/3 apart); 0 turns it off [default: 60]
+  --log-level LEVEL        debug (adds a line per connection), info, warn or error
+                           [default: info]
   --mongo-uri URI          MongoDB to store messages in, e.g. mongodb+srv://… for Atlas
                            [default: $PEERCHAT_MONGO_URI, else mongodb://127.0.0.1:27017]
   --mongo-db NAME          database name [default: peerchat]
@@ -246,6 +282,7 @@ pub fn parse_server_args(
     }
     let host = optional(&mut args, "--host")?.unwrap_or_else(|| DEFAULT_HOST.to_string());
     let port = optional(&mut args, "--port")?.unwrap_or(DEFAULT_PORT);
+    let backlog = bounded(&mut args, "--backlog", DEFAULT_BACKLOG, 1, 65_535)?;
     let max_line = bounded(&mut args, "--max-line", DEFAULT_MAX_LINE, 1, 1 << 20)?;
     let max_output = bounded(&mut args, "--max-output", DEFAULT_MAX_OUTPUT, 1024, 1 << 30)?;
     let max_overlong = bounded(&mut args, "--max-overlong", DEFAULT_MAX_OVERLONG, 0, 1_000)?;
@@ -271,6 +308,15 @@ pub fn parse_server_args(
         0,
         3600,
     )?;
+    let presence_secs = bounded(
+        &mut args,
+        "--presence-interval",
+        DEFAULT_PRESENCE_INTERVAL.as_secs_f64(),
+        0.0,
+        3600.0,
+    )?;
+    let keepalive_secs = bounded(&mut args, "--keepalive", DEFAULT_KEEPALIVE_SECS, 0, 86_400)?;
+    let log_level = optional(&mut args, "--log-level")?.unwrap_or(Level::Info);
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
     let collection = optional(&mut args, "--mongo-collection")?;
@@ -319,6 +365,7 @@ pub fn parse_server_args(
     Ok(Parsed::Run(ServerConfig {
         host,
         port,
+        backlog,
         limits: ClientLimits {
             max_line,
             max_output,
@@ -327,6 +374,9 @@ pub fn parse_server_args(
         },
         max_clients,
         shutdown_timeout: Duration::from_secs(shutdown_secs),
+        presence_interval: Duration::from_secs_f64(presence_secs),
+        keepalive: (keepalive_secs > 0).then(|| Duration::from_secs(keepalive_secs)),
+        log_level,
         store,
     }))
 }
@@ -439,6 +489,10 @@ mod tests {
         );
         assert_eq!(config.max_clients, 10_000);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.backlog, 1024);
+        assert_eq!(config.presence_interval, Duration::from_secs(1));
+        assert_eq!(config.keepalive, Some(Duration::from_secs(60)));
+        assert_eq!(config.log_level, Level::Info);
         let store = config.store.expect("persistence is on by default");
         assert_eq!(store.uri, "mongodb://127.0.0.1:27017");
         assert_eq!(
@@ -511,6 +565,31 @@ mod tests {
     }
 
     #[test]
+    fn connection_lifecycle_flags() {
+        let config = run(server(
+            &[
+                "--backlog",
+                "4096",
+                "--presence-interval",
+                "0.25",
+                "--keepalive",
+                "0",
+                "--log-level",
+                "debug",
+            ],
+            None,
+        ));
+        assert_eq!(config.backlog, 4096);
+        assert_eq!(config.presence_interval, Duration::from_millis(250));
+        assert_eq!(config.keepalive, None);
+        assert_eq!(config.log_level, Level::Debug);
+        let err = server(&["--log-level", "loud"], None).unwrap_err();
+        assert!(err.0.starts_with("--log-level"), "{err}");
+        let err = server(&["--backlog", "0"], None).unwrap_err();
+        assert!(err.0.starts_with("--backlog"), "{err}");
+    }
+
+    #[test]
     fn no_persist_means_no_store() {
         assert!(run(server(&["--no-persist"], None)).store.is_none());
     }
@@ -532,6 +611,10 @@ mod tests {
         for flag in [
             "--host",
             "--port",
+            "--backlog",
+            "--presence-interval",
+            "--keepalive",
+            "--log-level",
             "--max-line",
             "--max-output",
             "--max-overlong",

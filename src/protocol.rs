@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use crate::config::FloodLimit;
 
-/// Longest nick, in characters.
+/// Longest nick, in characters (ASCII, so also bytes).
 pub const MAX_NICK_CHARS: usize = 32;
 
 /// How much of a message an error line quotes back, in characters.
@@ -68,8 +68,10 @@ pub fn parse(line: &str) -> Command<'_> {
 ///
 /// Invalid UTF-8 becomes U+FFFD. Terminal escape sequences (`ESC [ … m`, `ESC ] … BEL`, their
 /// 8-bit C1 forms) are removed whole, so no half of one is left to act on or to clutter the line,
-/// and every other control character except TAB (C0, DEL, C1) is dropped. The common case,
-/// clean UTF-8, is returned borrowed without copying.
+/// and every other control character except TAB (C0, DEL, C1) is dropped, as are the
+/// bidirectional embedding, override and isolate controls that make text display in another
+/// order than it is stored ("Trojan Source"). The common case, clean UTF-8, is returned
+/// borrowed without copying.
 pub fn sanitize(bytes: &[u8]) -> Cow<'_, str> {
     // Printable ASCII needs no decoding and no search for controls: one pass over the bytes.
     if bytes
@@ -87,9 +89,14 @@ pub fn sanitize(bytes: &[u8]) -> Cow<'_, str> {
     Cow::Owned(strip_controls(&text))
 }
 
-/// True for the characters that must not reach a terminal.
+/// True for the characters that must not reach a terminal: controls except TAB, and the bidi
+/// embeddings, overrides and isolates (U+202A–U+202E, U+2066–U+2069), which could make one
+/// user's line show as something else. Zero-width joiners stay: emoji sequences need them.
 pub fn is_forbidden(c: char) -> bool {
-    (c.is_control() && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c)
+    (c.is_control() && c != '\t')
+        || ('\u{80}'..='\u{9f}').contains(&c)
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
 type Chars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
@@ -151,15 +158,17 @@ fn skip_string(chars: &mut Chars<'_>) {
 /// Why a name cannot be used as a nick.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NickError {
-    /// Empty, too long, or a character outside letters, digits, `-`, `_`, `.`.
+    /// Empty, too long, or a character outside ASCII letters, digits, `-`, `_`, `.`.
     Invalid,
 }
 
-/// Nicks are letters, digits, `-`, `_` and `.`, up to 32 characters. No `:` means no nick can pass
-/// for the `IP:PORT` default name of another client; no spaces or symbols keeps `<NAME>` parseable.
+/// Nicks are ASCII letters, digits, `-`, `_` and `.`, up to 32 characters, as on IRC. No `:`
+/// means no nick can pass for the `IP:PORT` default name of another client; no spaces or symbols
+/// keeps `<NAME>` parseable; ASCII only means no look-alike letters from other scripts (a
+/// Cyrillic `а` in `аlice`), since uniqueness is checked ASCII case-insensitively.
 pub fn validate_nick(name: &str) -> Result<(), NickError> {
-    let count = name.chars().count();
-    let allowed = |c: char| c.is_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let count = name.len();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if count == 0 || count > MAX_NICK_CHARS || !name.chars().all(allowed) {
         return Err(NickError::Invalid);
     }
@@ -208,6 +217,21 @@ pub fn left(name: &str) -> String {
     format!("{name} left")
 }
 
+/// Notice for several joins or leaves at once (`verb` is `joined` or `left`): up to `shown`
+/// names, then a count: `alice, bob and carol joined`, `a, b, c, d, e and 37 others left`.
+pub fn presence(names: &[&str], shown: usize, verb: &str) -> String {
+    let listed = &names[..names.len().min(shown)];
+    let others = names.len() - listed.len();
+    let who = match (listed, others) {
+        ([], _) => String::new(),
+        ([one], 0) => (*one).to_string(),
+        ([first @ .., last], 0) => format!("{} and {last}", first.join(", ")),
+        (_, 1) => format!("{} and 1 other", listed.join(", ")),
+        (_, others) => format!("{} and {others} others", listed.join(", ")),
+    };
+    format!("{who} {verb}")
+}
+
 /// Notice to everyone after `/nick`.
 pub fn renamed(old: &str, new: &str) -> String {
     format!("{old} is now {new}")
@@ -223,7 +247,7 @@ pub fn who<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
 /// Reply to `/help`, one notice per line.
 pub const HELP_LINES: [&str; 6] = [
     "commands:",
-    "  /nick NAME   change your name (letters, digits, - _ . up to 32)",
+    "  /nick NAME   change your name (ASCII letters, digits, - _ . up to 32)",
     "  /who         list who is online",
     "  /help        this text",
     "  /quit        leave",
@@ -248,10 +272,10 @@ pub fn too_many_overlong(max_line: usize) -> String {
     format!("too many lines over {max_line} bytes; disconnecting")
 }
 
-/// Error once per burst to a client over its flood limit.
+/// Error once per burst to a client over its flood limit: its lines wait, none is lost.
 pub fn slow_down(limit: FloodLimit) -> String {
     format!(
-        "slow down: more than {} lines/s (bursts of {}); lines are being dropped",
+        "slow down: more than {} lines/s (bursts of {}); your lines are delayed, not dropped",
         limit.lines_per_sec, limit.burst
     )
 }
@@ -261,7 +285,7 @@ pub const UNKNOWN_COMMAND: &str = "unknown command";
 
 /// Error for a nick that is not allowed.
 pub fn invalid_nick() -> String {
-    format!("invalid nick: use letters, digits, - _ . (up to {MAX_NICK_CHARS})")
+    format!("invalid nick: use ASCII letters, digits, - _ . (up to {MAX_NICK_CHARS})")
 }
 
 /// Error for a nick someone else has.
@@ -344,6 +368,35 @@ mod tests {
     }
 
     #[test]
+    fn sanitize_removes_bidi_controls_but_keeps_zero_width_joiners() {
+        // "Trojan Source": a right-to-left override makes `abc` display as `cba`.
+        assert_eq!(sanitize("x\u{202e}cba\u{202c}y".as_bytes()), "xcbay");
+        for c in ('\u{202a}'..='\u{202e}').chain('\u{2066}'..='\u{2069}') {
+            assert_eq!(
+                sanitize(format!("a{c}b").as_bytes()),
+                "ab",
+                "U+{:04X}",
+                c as u32
+            );
+        }
+        let family = "\u{1f469}\u{200d}\u{1f467}";
+        assert_eq!(sanitize(family.as_bytes()), family);
+    }
+
+    #[test]
+    fn presence_lists_up_to_five_names_then_counts() {
+        let names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"];
+        let line = |n: usize| presence(&names[..n], 5, "joined");
+        assert_eq!(line(1), "alice joined");
+        assert_eq!(line(2), "alice and bob joined");
+        assert_eq!(line(3), "alice, bob and carol joined");
+        assert_eq!(line(5), "alice, bob, carol, dave and erin joined");
+        assert_eq!(line(6), "alice, bob, carol, dave, erin and 1 other joined");
+        assert_eq!(line(7), "alice, bob, carol, dave, erin and 2 others joined");
+        assert_eq!(presence(&names[..2], 5, "left"), "alice and bob left");
+    }
+
+    #[test]
     fn sanitize_replaces_invalid_utf8() {
         assert_eq!(sanitize(b"bad \xff\xfe byte"), "bad \u{fffd}\u{fffd} byte");
     }
@@ -363,7 +416,13 @@ mod tests {
     #[test]
     fn validates_nicks() {
         assert_eq!(validate_nick("alice_1.x-y"), Ok(()));
-        assert_eq!(validate_nick("zoë"), Ok(()));
+        assert_eq!(validate_nick("zoë"), Err(NickError::Invalid));
+        assert_eq!(
+            validate_nick("\u{430}lice"),
+            Err(NickError::Invalid),
+            "Cyrillic а"
+        );
+        assert_eq!(validate_nick("alice"), Ok(()));
         assert_eq!(validate_nick(""), Err(NickError::Invalid));
         assert_eq!(validate_nick("127.0.0.1:5000"), Err(NickError::Invalid));
         assert_eq!(validate_nick("a b"), Err(NickError::Invalid));

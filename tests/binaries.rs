@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
@@ -71,13 +71,98 @@ fn bad_flags_exit_2_naming_the_flag() {
     }
 }
 
-/// The server binary on port 0: its log names the address, and it serves chat.
+/// The server binary on port 0: its log names the address and backlog, and it serves chat.
 #[test]
 fn server_binary_logs_its_address_and_serves() {
-    let (_server, addr) = spawn_server("", "--no-persist");
+    let (server, addr) = spawn_server("", "--no-persist");
+    assert!(
+        server
+            .listening
+            .ends_with(&format!(" INFO  listening on {addr} (backlog 1024)")),
+        "{}",
+        server.listening
+    );
     let (mut alice, mut bob) = alice_and_bob(addr);
     alice.send("via the binary");
     assert_eq!(bob.line(), "<alice> via the binary");
+}
+
+/// `--backlog` sets the listen queue; the system's somaxconn caps it, and the start line says
+/// what is in force.
+#[test]
+fn the_backlog_is_set_and_capped_by_the_system() {
+    let (server, addr) = spawn_server("", "--no-persist --backlog 64");
+    assert!(server
+        .listening
+        .ends_with(&format!("listening on {addr} (backlog 64)")));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("read somaxconn")
+        .trim()
+        .parse()
+        .unwrap();
+    if somaxconn < 65535 {
+        let (server, addr) = spawn_server("", "--no-persist --backlog 65535");
+        assert!(
+            server
+                .listening
+                .ends_with(&format!("listening on {addr} (backlog {somaxconn})")),
+            "{}",
+            server.listening
+        );
+    }
+}
+
+/// Per-connection log lines are debug level, and the log is written by a thread of its own:
+/// a stderr pipe nobody reads (a wedged log shipper) must not stop the chat.
+#[test]
+fn a_log_nobody_reads_never_stops_the_chat() {
+    let port = free_port();
+    let mut child = Command::new(SERVER)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--no-persist",
+            "--flood-rate",
+            "0",
+        ])
+        .args(["--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let stderr = child.stderr.take().unwrap(); // held open, not read: the pipe fills up
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let _server = common::process::ServerProcess::adopt(child);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "server did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Two debug lines of ~100 bytes each per connection: far more than a 64 KiB pipe holds.
+    for _ in 0..2000 {
+        let mut chat = Chat::connect(addr);
+        chat.send("/quit");
+        chat.read_to_end();
+    }
+    let (mut alice, mut bob) = alice_and_bob(addr);
+    alice.send("still chatting");
+    assert_eq!(bob.line(), "<alice> still chatting");
+
+    // Once someone reads the log again, it says how many lines it had to drop.
+    let (found, report) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let lines = std::io::BufReader::new(stderr).lines();
+        let dropped = lines
+            .map_while(Result::ok)
+            .find(|line| line.contains("log lines dropped"));
+        let _ = found.send(dropped);
+    });
+    let dropped = report
+        .recv_timeout(DEADLINE)
+        .expect("the log reports dropped lines once it is read again")
+        .expect("a dropped-lines report");
+    assert!(dropped.contains(" WARN  "), "{dropped}");
 }
 
 #[test]

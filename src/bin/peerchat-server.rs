@@ -1,9 +1,14 @@
 //! `peerchat-server`: parses flags and runs the server; everything else is in the library.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use peerchat::config::{self, config_or_exit};
-use peerchat::{error, fd_limit, Server};
+use peerchat::{error, fd_limit, log, Server};
+
+/// How long the last log lines may take to reach stderr before the process exits anyway (a
+/// stderr nobody reads must not keep a stopped server alive).
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     let args = std::env::args_os().skip(1).collect();
@@ -13,6 +18,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    log::set_min_level(config.log_level);
     // Every client is a descriptor: take what the system allows, and serve no more clients
     // than fit. The binary does this, not `Server::bind`, which tests and embedders call.
     let open_files = fd_limit::raise_open_file_limit();
@@ -21,11 +27,13 @@ fn main() -> ExitCode {
         server.handle().shutdown_on_signals()?;
         server.run()
     });
-    match served {
+    let code = match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err}");
             ExitCode::FAILURE
         }
-    }
+    };
+    log::flush(LOG_FLUSH_TIMEOUT);
+    code
 }

@@ -1,4 +1,5 @@
-//! What each client line does: chat, commands, joins and leaves, and save failures.
+//! What each client line does: chat, commands, joins, flood and overlong-line rules, and save
+//! failures.
 //!
 //! The rules of the chat, between the wire (`protocol`) and delivery (`room::Room`). No I/O:
 //! it only queues lines in the room and hands messages to the persistence queue.
@@ -9,42 +10,43 @@ use std::time::Instant;
 use time::OffsetDateTime;
 
 use super::connection::CloseReason;
-use super::flood::Verdict;
+use super::presence::Presence;
 use super::room::Room;
 use crate::persist::{Persister, Record, SaveFailure, SubmitError};
 use crate::protocol::{self, Command};
 
-/// Greets a new client and tells the others.
-pub fn joined(room: &mut Room, slot: usize) {
+/// Greets a new client and tells the others (see `presence` for when).
+pub fn joined(room: &mut Room, presence: &mut Presence, slot: usize, now: Instant) {
     let Some(name) = room.get(slot).map(|conn| conn.name.clone()) else {
         return;
     };
     room.notice(slot, &protocol::welcome(&name));
-    room.notice_all(Some(slot), &protocol::joined(&name));
+    presence.joined(room, slot, now);
 }
 
-/// Tells the others that `name` has gone.
-pub fn left(room: &mut Room, name: &str) {
-    room.notice_all(None, &protocol::left(name));
-}
-
-/// Applies one line from the client in `slot`, received at `now`.
+/// Applies one line from the client in `slot`, received at `now`. The loop has framed no more
+/// lines than the client's flood allowance, so each one that counts has its token.
 pub fn line(
     room: &mut Room,
+    presence: &mut Presence,
     persister: Option<&Persister>,
     slot: usize,
     bytes: &[u8],
     now: Instant,
 ) {
-    if let Some(conn) = room.get_mut(slot) {
-        conn.note_line();
-    }
+    let Some(conn) = room.get_mut(slot) else {
+        return;
+    };
+    conn.note_line();
     let text = protocol::sanitize(bytes);
     let command = protocol::parse(&text);
-    // Blank lines do nothing, and /quit should work even for a client over its limit.
-    let free = matches!(command, Command::Empty | Command::Quit);
-    if !free && !within_flood_limit(room, slot, now) {
-        return;
+    // Blank lines do nothing and cost nothing.
+    if !matches!(command, Command::Empty | Command::Quit) {
+        conn.spend_flood_token();
+    }
+    // Others hear of a client's join before they hear anything from it.
+    if matches!(command, Command::Chat(_) | Command::Nick(_)) && !conn.announced {
+        presence.announce_joins(room, now);
     }
     match command {
         Command::Chat(message) => chat(room, persister, slot, message),
@@ -83,16 +85,16 @@ pub fn too_long(room: &mut Room, slot: usize) {
     }
 }
 
-/// Takes a flood-control token for the line; warns once per burst when there is none.
-fn within_flood_limit(room: &mut Room, slot: usize, now: Instant) -> bool {
-    match room.take_flood_token(slot, now) {
-        Verdict::Allowed => true,
-        Verdict::Dropped { warn } => {
-            if let (true, Some(limit)) = (warn, room.limits().flood) {
-                room.error(slot, &protocol::slow_down(limit));
-            }
-            false
-        }
+/// The client has more lines than its flood allowance: they wait. Says so once per burst.
+pub fn flood_delayed(room: &mut Room, slot: usize) {
+    let Some(limit) = room.limits().flood else {
+        return;
+    };
+    if room
+        .get_mut(slot)
+        .is_some_and(|conn| conn.first_delay_in_burst())
+    {
+        room.error(slot, &protocol::slow_down(limit));
     }
 }
 

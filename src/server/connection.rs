@@ -4,6 +4,10 @@
 //! mio's pattern: repeat until `WouldBlock`, retry on `Interrupted`, treat `Ok(0)` as closed.
 //! A connection never removes itself: it records a `CloseReason` and the event loop reaps it
 //! after the turn, so a handler can never free a connection another handler still refers to.
+//!
+//! Input is framed only as far as the client's flood allowance goes; the rest of a read is held
+//! here (at most one read's worth) and the socket is not read again until it is used up, so a
+//! client over its rate is slowed down without losing or reordering anything.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -13,7 +17,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::flood::{TokenBucket, Verdict};
+use super::flood::TokenBucket;
 use crate::config::{ClientLimits, FloodLimit};
 use crate::framing::{Frame, LineFramer};
 use crate::telnet::{TelnetFilter, HEADROOM};
@@ -126,6 +130,9 @@ pub enum ReadOutcome {
     /// The per-turn budget ran out with data possibly left: read again next turn, since an
     /// edge-triggered poll will not report it again.
     BudgetSpent,
+    /// The flood allowance ran out: input is held or may be waiting in the socket; read again
+    /// when the client has earned more lines.
+    Throttled,
     /// End of stream or an error.
     Closed(CloseReason),
 }
@@ -152,6 +159,8 @@ struct OutputBuffer {
 /// A drained output buffer above this capacity is freed at once: a burst should not leave
 /// its memory behind. Smaller ones are kept for reuse until the idle sweep.
 const KEEP_OUTPUT_CAPACITY: usize = 256 * 1024;
+/// Held input (see `Connection::read`) is kept for reuse up to this capacity once used up.
+const KEEP_HELD_CAPACITY: usize = 16 * 1024;
 
 impl OutputBuffer {
     fn pending(&self) -> &[u8] {
@@ -211,8 +220,23 @@ pub struct Connection {
     output: OutputBuffer,
     /// Flood control; `None` when it is off.
     bucket: Option<TokenBucket>,
+    /// Input read (and telnet-filtered) but not yet framed, because the flood allowance ran out;
+    /// `held[held_from..]` is still to come. At most one read's worth.
+    held: Vec<u8>,
+    held_from: usize,
+    /// Waiting for its flood allowance: not read on readiness events, only when the loop's
+    /// timer says it has earned lines again.
+    pub throttled: bool,
+    /// Already on the loop's list of connections to read this turn: one read per turn each.
+    pub read_queued: bool,
+    /// Others have been told it joined (a join may be gathered for a while, see `presence`).
+    pub announced: bool,
+    /// Closed, but still writing its last output (bounded by a deadline) before the FIN.
+    pub draining: bool,
     /// Overlong lines sent in a row (a line within the limit resets it).
     overlong_lines: u32,
+    /// Bytes read from the socket so far.
+    bytes_read: u64,
     closing: Option<CloseReason>,
     /// Registered for writable events, which is only while output is blocked.
     wants_writable: bool,
@@ -246,7 +270,14 @@ impl Connection {
             framer: LineFramer::new(limits.max_line),
             output: OutputBuffer::default(),
             bucket: limits.flood.map(|limit| TokenBucket::full(limit, now)),
+            held: Vec::new(),
+            held_from: 0,
+            throttled: false,
+            read_queued: false,
+            announced: false,
+            draining: false,
             overlong_lines: 0,
+            bytes_read: 0,
             closing: None,
             wants_writable: false,
             flush_scheduled: false,
@@ -262,6 +293,12 @@ impl Connection {
         self.addr
     }
 
+    /// Bytes read from the client so far.
+    #[cfg(test)]
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
     pub fn closing(&self) -> Option<CloseReason> {
         self.closing
     }
@@ -275,12 +312,36 @@ impl Connection {
         true
     }
 
-    /// Takes a flood-control token for one line (always allowed when flood control is off).
-    pub fn take_flood_token(&mut self, limit: FloodLimit, now: Instant) -> Verdict {
-        match &mut self.bucket {
-            Some(bucket) => bucket.take(limit, now),
-            None => Verdict::Allowed,
+    /// Lines the client may send at `now`: what `read` may frame.
+    pub fn line_allowance(&mut self, limit: Option<FloodLimit>, now: Instant) -> usize {
+        match (&mut self.bucket, limit) {
+            (Some(bucket), Some(limit)) => bucket.available(limit, now) as usize,
+            _ => usize::MAX,
         }
+    }
+
+    /// Charges one line to flood control (nothing when it is off).
+    pub fn spend_flood_token(&mut self) {
+        if let Some(bucket) = &mut self.bucket {
+            bucket.spend();
+        }
+    }
+
+    /// When a throttled client will have earned lines again.
+    pub fn flood_resume_at(&self, limit: FloodLimit) -> Option<Instant> {
+        self.bucket.map(|bucket| bucket.refilled_at(limit))
+    }
+
+    /// True the first time in a burst that this client's lines were delayed.
+    pub fn first_delay_in_burst(&mut self) -> bool {
+        self.bucket
+            .as_mut()
+            .is_some_and(TokenBucket::first_delay_in_burst)
+    }
+
+    /// Input read but not yet framed is waiting.
+    pub fn has_held_input(&self) -> bool {
+        self.held_from < self.held.len()
     }
 
     /// Counts one more overlong line and returns how many came in a row.
@@ -295,24 +356,44 @@ impl Connection {
         self.overlong_lines = 0;
     }
 
-    /// Reads up to `budget` bytes through `scratch`, removes telnet commands and appends the
-    /// lines found to `batch`.
+    /// Appends to `batch` at most `max_lines` lines: first from held input, then read from the
+    /// socket (up to `budget` bytes through `scratch`, telnet commands removed). Input beyond
+    /// `max_lines` is held for the next call, and the socket is not read while any is held.
     pub fn read(
         &mut self,
         scratch: &mut [u8],
         budget: usize,
         batch: &mut InputBatch,
+        max_lines: usize,
     ) -> ReadOutcome {
-        let mut total = 0;
         self.active_since_sweep = true;
+        let mut lines_left = max_lines;
+        if self.has_held_input() {
+            let held = std::mem::take(&mut self.held);
+            let mut input = &held[self.held_from..];
+            self.frame(&mut input, batch, &mut lines_left);
+            self.held_from = held.len() - input.len();
+            self.held = held;
+            if self.has_held_input() {
+                return ReadOutcome::Throttled;
+            }
+            self.release_held();
+        }
+        let mut total = 0;
         while total < budget {
+            if lines_left == 0 {
+                return ReadOutcome::Throttled;
+            }
             match self.socket.read(&mut scratch[HEADROOM..]) {
                 Ok(0) => return ReadOutcome::Closed(CloseReason::PeerClosed),
                 Ok(n) => {
                     total += n;
+                    self.bytes_read += n as u64;
                     let mut input = self.telnet.filter(&mut scratch[..HEADROOM + n]);
-                    while let Some(frame) = self.framer.next_frame(&mut input) {
-                        batch.push(frame);
+                    self.frame(&mut input, batch, &mut lines_left);
+                    if !input.is_empty() {
+                        self.held.extend_from_slice(input);
+                        return ReadOutcome::Throttled;
                     }
                 }
                 Err(err) if err.kind() == ErrorKind::WouldBlock => return ReadOutcome::Drained,
@@ -321,6 +402,27 @@ impl Connection {
             }
         }
         ReadOutcome::BudgetSpent
+    }
+
+    /// Frames lines from `input` into `batch` while `lines_left` allows; what is not framed
+    /// stays in `input`.
+    fn frame(&mut self, input: &mut &[u8], batch: &mut InputBatch, lines_left: &mut usize) {
+        while *lines_left > 0 {
+            let Some(frame) = self.framer.next_frame(input) else {
+                return;
+            };
+            batch.push(frame);
+            *lines_left -= 1;
+        }
+    }
+
+    /// Empties the held input, freeing it unless it is small enough to reuse.
+    fn release_held(&mut self) {
+        self.held.clear();
+        self.held_from = 0;
+        if self.held.capacity() > KEEP_HELD_CAPACITY {
+            self.held = Vec::new();
+        }
     }
 
     /// Queues bytes for sending. Returns false, and marks the connection for closing, when
@@ -392,7 +494,12 @@ impl Connection {
         if std::mem::take(&mut self.active_since_sweep) {
             return 0;
         }
-        self.output.shrink_if_idle() + self.framer.shrink_if_idle()
+        let held = if self.has_held_input() {
+            0
+        } else {
+            std::mem::take(&mut self.held).capacity()
+        };
+        self.output.shrink_if_idle() + self.framer.shrink_if_idle() + held
     }
 
     /// Ends a connection whose output is all written with a FIN. Unread input is read and

@@ -1,10 +1,12 @@
 //! The event loop: one thread, one `mio::Poll`, the listener and every client socket.
 //!
-//! Each turn: wait for readiness, accept new clients, read and handle what clients sent,
-//! take in what other threads sent (inbox), reap closed connections, then write each
-//! connection's pending output once. Readiness is edge-triggered, so every socket operation runs
-//! until `WouldBlock`; a client that still has input after its per-turn budget is read again
-//! next turn without waiting, so one flooding client cannot starve the rest.
+//! Each turn: wait for readiness or the next timer, fire due timers (flood-delayed clients read
+//! again, closing clients given up on, gathered presence notices sent), accept new clients,
+//! note which clients have input, take in what other threads sent (inbox), read each noted
+//! client once and act on its lines, then reap closed connections and write each connection's
+//! pending output once. Readiness is edge-triggered, so every socket operation runs until
+//! `WouldBlock`; a client that still has input after its per-turn budget is read again next
+//! turn, after the others, so one flooding client cannot starve the rest.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -12,17 +14,20 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use socket2::{SockRef, TcpKeepalive};
 
 use super::chat;
 use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
 use super::heap;
 use super::inbox::{Inbox, LoopInput};
+use super::presence::Presence;
 use super::room::Room;
-use crate::config::ClientLimits;
+use super::timers::{Due, Timers};
+use crate::config::ServerConfig;
 use crate::persist::{ClientRef, Persister};
 use crate::protocol;
 use crate::telnet::HEADROOM;
-use crate::{error, info, warn};
+use crate::{debug, error, info, warn};
 
 pub const LISTENER: Token = Token(0);
 pub const WAKER: Token = Token(1);
@@ -51,6 +56,13 @@ const TRIM_AFTER_FREEING: usize = 256 * 1024;
 const TRIM_AFTER_CLOSING: usize = 64;
 /// How often a stopping server looks at its inbox while waiting for slow clients.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+/// How long a client closed after being told why (`/quit`, end of its input, overlong lines)
+/// has to take its last output before the connection is closed anyway: long enough for a
+/// client that reads, short enough that one that does not gives its slot back soon.
+pub const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive probes sent to a silent peer, `--keepalive / 3` apart, before the kernel
+/// declares it dead (as Redis does): a vanished client is gone within twice `--keepalive`.
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// The state one thread owns while serving.
 pub struct EventLoop {
@@ -59,11 +71,16 @@ pub struct EventLoop {
     pub(super) inbox: Inbox,
     pub(super) persister: Option<Persister>,
     pub(super) room: Room,
+    presence: Presence,
+    timers: Timers,
     max_clients: usize,
+    keepalive: Option<TcpKeepalive>,
     shutdown_timeout: Duration,
     scratch: Vec<u8>,
     batch: InputBatch,
-    /// Clients whose read budget ran out; read again next turn.
+    /// Clients to read this turn, each once (`Connection::read_queued` marks them).
+    to_read: Vec<ClientRef>,
+    /// Clients whose read budget ran out; read again next turn, after the others.
     read_again: Vec<ClientRef>,
     flush_list: Vec<usize>,
     last_sweep: Instant,
@@ -74,7 +91,7 @@ pub struct EventLoop {
     accept_again: bool,
     /// At `max_clients`: new clients are being refused (logged once per episode).
     refusing: bool,
-    /// When this turn's events arrived: the time flood control charges lines at.
+    /// When this turn's events arrived: the time flood control and timers go by.
     now: Instant,
     running: bool,
 }
@@ -86,22 +103,30 @@ impl EventLoop {
         mut listener: TcpListener,
         inbox: Inbox,
         persister: Option<Persister>,
-        limits: ClientLimits,
-        max_clients: usize,
-        shutdown_timeout: Duration,
+        config: &ServerConfig,
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let keepalive = config.keepalive.map(|idle| {
+            TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / KEEPALIVE_PROBES).max(Duration::from_secs(1)))
+                .with_retries(KEEPALIVE_PROBES)
+        });
         Ok(EventLoop {
             poll,
             listener,
             inbox,
             persister,
-            room: Room::new(limits),
-            max_clients,
-            shutdown_timeout,
+            room: Room::new(config.limits),
+            presence: Presence::new(config.presence_interval),
+            timers: Timers::default(),
+            max_clients: config.max_clients,
+            keepalive,
+            shutdown_timeout: config.shutdown_timeout,
             scratch: vec![0; HEADROOM + READ_CHUNK],
             batch: InputBatch::default(),
+            to_read: Vec::new(),
             read_again: Vec::new(),
             flush_list: Vec::new(),
             last_sweep: Instant::now(),
@@ -118,45 +143,85 @@ impl EventLoop {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         while self.running {
-            let timeout = if !self.read_again.is_empty() || self.accept_again {
-                Duration::ZERO
-            } else if self.accept_failing {
-                ACCEPT_RETRY
-            } else {
-                SWEEP_INTERVAL
-            };
-            if let Err(err) = self.poll.poll(&mut events, Some(timeout)) {
-                if err.kind() == ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            self.now = Instant::now();
-            for event in events.iter() {
-                match event.token() {
-                    LISTENER => self.accept_all(),
-                    WAKER => {} // drained below, every turn
-                    token => self.client_ready(token, event.is_writable()),
-                }
-            }
-            self.drain_inbox();
-            if self.accept_failing || std::mem::take(&mut self.accept_again) {
-                // Connections closed since may have freed descriptors, or the budget ran out.
-                // Before `end_turn`, so the welcome lines of clients accepted here are written
-                // this turn.
-                self.accept_all();
-            }
-            self.read_again_pending();
-            self.end_turn();
+            self.turn(&mut events)?;
         }
         self.shut_down();
         Ok(())
     }
 
+    /// One turn: wait, then act on everything that is ready.
+    fn turn(&mut self, events: &mut Events) -> io::Result<()> {
+        if let Err(err) = self.poll.poll(events, Some(self.poll_timeout())) {
+            if err.kind() == ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        self.now = Instant::now();
+        self.fire_timers();
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => self.accept_all(),
+                WAKER => {} // drained below, every turn
+                token => self.client_ready(token, event.is_writable()),
+            }
+        }
+        self.drain_inbox();
+        if self.accept_failing || std::mem::take(&mut self.accept_again) {
+            // Connections closed since may have freed descriptors, or the budget ran out.
+            // Before `end_turn`, so the welcome lines of clients accepted here are written
+            // this turn.
+            self.accept_all();
+        }
+        self.read_queued();
+        self.end_turn();
+        Ok(())
+    }
+
+    /// How long the next poll may wait: not at all with reads or accepts left over, else until
+    /// the next timer, gathered notice, accept retry or idle sweep.
+    fn poll_timeout(&self) -> Duration {
+        if !self.read_again.is_empty() || self.accept_again {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut wake = self.last_sweep + SWEEP_INTERVAL;
+        if self.accept_failing {
+            wake = wake.min(now + ACCEPT_RETRY);
+        }
+        for due in [self.timers.next_at(), self.presence.next_due()]
+            .into_iter()
+            .flatten()
+        {
+            wake = wake.min(due);
+        }
+        wake.saturating_duration_since(now)
+    }
+
+    /// Acts on every timer that is due, and sends gathered presence notices whose time came.
+    fn fire_timers(&mut self) {
+        self.presence.announce_due(&mut self.room, self.now);
+        while let Some(due) = self.timers.pop_due(self.now) {
+            match due {
+                Due::Resume(client) => {
+                    if let Some(conn) = self.room.find_mut(client) {
+                        conn.throttled = false;
+                        self.queue_read(client.slot);
+                    }
+                }
+                Due::CloseDeadline(client) => {
+                    if self.room.find(client).is_some_and(|conn| conn.draining) {
+                        self.finish_close(client.slot, false);
+                    }
+                }
+            }
+        }
+    }
+
     /// Reaps closed connections, writes pending output, and now and then frees idle buffers.
     fn end_turn(&mut self) {
         // Reaping queues `left` notices and flushing can find dead sockets: repeat until both
-        // settle. Each extra round removes at least one connection, so this ends.
+        // settle. Each extra round takes at least one connection out of the room, so this ends.
         loop {
             self.reap_closed();
             self.flush_pending();
@@ -208,10 +273,16 @@ impl EventLoop {
         if std::mem::take(&mut self.refusing) {
             info!("below --max-clients again: accepting new clients");
         }
+        if let Some(keepalive) = &self.keepalive {
+            if let Err(err) = SockRef::from(&socket).set_tcp_keepalive(keepalive) {
+                warn!("could not set up client {addr}: keepalive: {err}");
+                return;
+            }
+        }
         match self.room.add(socket, addr, self.poll.registry(), self.now) {
             Ok(slot) => {
-                info!("client {addr} connected ({} online)", self.room.len());
-                chat::joined(&mut self.room, slot);
+                debug!("client {addr} connected ({} online)", self.room.len());
+                chat::joined(&mut self.room, &mut self.presence, slot, self.now);
             }
             Err(err) => warn!("could not set up client {addr}: {err}"),
         }
@@ -253,11 +324,43 @@ impl EventLoop {
             self.write_ready(slot);
         }
         // Readiness flags are hints: always try to read; `WouldBlock` costs one syscall.
-        self.read_from(slot);
+        self.queue_read(slot);
     }
 
-    /// Reads what the client sent, within the budget, and acts on each line.
+    /// Puts the client on this turn's read list, unless it is already on it (one read per
+    /// client per turn, however many events it had) or waits for its flood allowance.
+    fn queue_read(&mut self, slot: usize) {
+        let Some(conn) = self.room.get_mut(slot) else {
+            return;
+        };
+        if conn.read_queued || conn.throttled || conn.closing().is_some() {
+            return;
+        }
+        conn.read_queued = true;
+        self.to_read.push(ClientRef {
+            slot,
+            id: conn.id(),
+        });
+    }
+
+    /// Reads every client noted this turn once, then those whose budget ran out last turn.
+    fn read_queued(&mut self) {
+        let mut list = std::mem::take(&mut self.to_read);
+        list.append(&mut self.read_again);
+        for &client in &list {
+            if let Some(conn) = self.room.find_mut(client) {
+                conn.read_queued = false;
+                self.read_from(client.slot);
+            }
+        }
+        list.clear();
+        self.to_read = list;
+    }
+
+    /// Reads what the client sent, within the budget and its flood allowance, and acts on each
+    /// line.
     fn read_from(&mut self, slot: usize) {
+        let flood = self.room.limits().flood;
         let Some(conn) = self.room.get_mut(slot) else {
             return;
         };
@@ -268,8 +371,9 @@ impl EventLoop {
             slot,
             id: conn.id(),
         };
+        let allowance = conn.line_allowance(flood, self.now);
         self.batch.clear();
-        let outcome = conn.read(&mut self.scratch, READ_BUDGET, &mut self.batch);
+        let outcome = conn.read(&mut self.scratch, READ_BUDGET, &mut self.batch, allowance);
         for item in self.batch.items() {
             if self
                 .room
@@ -281,6 +385,7 @@ impl EventLoop {
             match item {
                 Input::Line(range) => chat::line(
                     &mut self.room,
+                    &mut self.presence,
                     self.persister.as_ref(),
                     slot,
                     self.batch.line(range),
@@ -292,25 +397,51 @@ impl EventLoop {
         self.room.send_gathered_chat();
         match outcome {
             ReadOutcome::Drained => {}
-            ReadOutcome::BudgetSpent => self.read_again.push(client),
+            ReadOutcome::BudgetSpent => {
+                if let Some(conn) = self.room.find_mut(client) {
+                    conn.read_queued = true;
+                    self.read_again.push(client);
+                }
+            }
+            ReadOutcome::Throttled => self.throttle(client),
             ReadOutcome::Closed(reason) => self.room.close(slot, reason),
         }
     }
 
-    fn read_again_pending(&mut self) {
-        for client in std::mem::take(&mut self.read_again) {
-            if self.room.find(client).is_some() {
-                self.read_from(client.slot);
-            }
+    /// The client used up its flood allowance: it is not read again until it has earned more
+    /// lines, and is told once per burst if lines of its are waiting.
+    fn throttle(&mut self, client: ClientRef) {
+        let Some(limit) = self.room.limits().flood else {
+            return;
+        };
+        let Some(conn) = self.room.find_mut(client) else {
+            return;
+        };
+        if conn.closing().is_some() {
+            return;
+        }
+        let resume_at = conn.flood_resume_at(limit).unwrap_or(self.now);
+        let waiting = conn.has_held_input();
+        conn.throttled = true;
+        self.timers.add(resume_at, Due::Resume(client));
+        if waiting {
+            chat::flood_delayed(&mut self.room, client.slot);
         }
     }
 
     /// The socket can take more output again.
     fn write_ready(&mut self, slot: usize) {
-        if let Some(conn) = self.room.get_mut(slot) {
-            if conn.closing().is_none() && conn.pending_output() > 0 {
-                self.flush_one(slot);
+        let Some(conn) = self.room.get_mut(slot) else {
+            return;
+        };
+        if conn.draining {
+            match conn.flush() {
+                FlushOutcome::Blocked => {}
+                FlushOutcome::Done => self.finish_close(slot, true),
+                FlushOutcome::Failed(_) => self.finish_close(slot, false),
             }
+        } else if conn.closing().is_none() && conn.pending_output() > 0 {
+            self.flush_one(slot);
         }
     }
 
@@ -345,25 +476,64 @@ impl EventLoop {
         }
     }
 
-    /// Removes connections marked closing, giving well-behaved ones their last output first,
-    /// and tells the others they left.
+    /// Takes connections marked closing out of the room and tells the others they left. One
+    /// that was told why it is closed keeps its slot while it writes its last output, up to
+    /// `CLOSE_DRAIN_TIMEOUT`; the others are closed at once.
     fn reap_closed(&mut self) {
-        for mut conn in self.room.take_closed() {
-            self.closed_since_sweep += 1;
-            let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
-            if reason.flushes_first() && conn.flush() == FlushOutcome::Done {
-                conn.say_goodbye();
+        for slot in self.room.take_to_reap() {
+            let registry = self.poll.registry();
+            let Some(conn) = self.room.get_mut(slot) else {
+                continue;
+            };
+            if conn.draining {
+                continue;
             }
-            conn.deregister(self.poll.registry());
-            info!(
-                "client {} ({}) disconnected: {}",
-                conn.addr(),
-                conn.name,
+            let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
+            let (name, announced, id) = (conn.name.clone(), conn.announced, conn.id());
+            let blocked = reason.flushes_first() && conn.flush() == FlushOutcome::Blocked;
+            if blocked && self.running && conn.set_wants_writable(registry, true).is_ok() {
+                conn.draining = true;
+                let client = ClientRef { slot, id };
+                self.timers
+                    .add(self.now + CLOSE_DRAIN_TIMEOUT, Due::CloseDeadline(client));
+            } else {
+                let flushed = reason.flushes_first() && !blocked;
+                self.finish_close(slot, flushed);
+            }
+            if self.running {
+                self.presence
+                    .left(&mut self.room, &name, announced, self.now);
+            }
+        }
+    }
+
+    /// Removes a closing connection: with a FIN after its output if `flushed`, else at once.
+    fn finish_close(&mut self, slot: usize, flushed: bool) {
+        let Some(mut conn) = self.room.remove(slot) else {
+            return;
+        };
+        self.closed_since_sweep += 1;
+        if flushed {
+            conn.say_goodbye();
+        }
+        conn.deregister(self.poll.registry());
+        let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
+        let unsent = if conn.pending_output() > 0 {
+            format!(
+                " ({} bytes of its last output not taken)",
+                conn.pending_output()
+            )
+        } else {
+            String::new()
+        };
+        let (addr, name) = (conn.addr(), &conn.name);
+        if reason == CloseReason::SlowConsumer {
+            warn!("client {addr} ({name}) disconnected: {}", reason.describe());
+        } else {
+            debug!(
+                "client {addr} ({name}) disconnected: {}{unsent}",
                 reason.describe()
             );
-            if self.running {
-                chat::left(&mut self.room, &conn.name);
-            }
         }
     }
 
@@ -411,13 +581,17 @@ impl EventLoop {
         }
     }
 
-    /// Closes every connection: with a FIN where all output was taken.
+    /// Closes every connection, closing ones included: with a FIN where all output was taken.
     fn close_everyone(&mut self) {
         for slot in self.room.slots_in_use() {
             self.room.close(slot, CloseReason::Shutdown);
         }
+        self.room.take_to_reap();
         let mut unflushed = 0;
-        for mut conn in self.room.take_closed() {
+        for slot in self.room.occupied_slots() {
+            let Some(mut conn) = self.room.remove(slot) else {
+                continue;
+            };
             if conn.pending_output() == 0 {
                 conn.say_goodbye();
             } else {
@@ -447,5 +621,63 @@ impl EventLoop {
                 "persistence still busy at --shutdown-timeout: {unsettled} accepted messages not confirmed stored"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpStream as StdStream;
+    use std::thread;
+
+    /// A loop on a free loopback port that the test drives turn by turn.
+    fn loop_for_test(config: &ServerConfig) -> (EventLoop, SocketAddr) {
+        let poll = Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+        let (_sender, inbox) = Inbox::new(waker);
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let event_loop = EventLoop::new(poll, listener, inbox, None, config).unwrap();
+        (event_loop, addr)
+    }
+
+    /// A client sending as fast as loopback goes has new data, and so a new readiness event, in
+    /// nearly every turn; it must still get one read budget per turn, not one per event.
+    #[test]
+    fn a_flooding_client_is_read_at_most_one_budget_per_turn() {
+        const LINES: usize = 8000;
+        const LINE: usize = 1000;
+        let mut config = ServerConfig::local(None);
+        config.limits.flood = None;
+        let (mut event_loop, addr) = loop_for_test(&config);
+        let mut flooder = StdStream::connect(addr).unwrap();
+        let writer = thread::spawn(move || {
+            let mut line = vec![b'x'; LINE - 1];
+            line.push(b'\n');
+            for _ in 0..LINES {
+                flooder.write_all(&line).unwrap();
+            }
+            flooder
+        });
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        let (mut read_before, mut most_in_a_turn, mut turns) = (0, 0, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while read_before < (LINES * LINE) as u64 && Instant::now() < deadline {
+            event_loop.turn(&mut events).unwrap();
+            turns += 1;
+            let read = event_loop.room.get(0).map_or(0, |conn| conn.bytes_read());
+            most_in_a_turn = most_in_a_turn.max(read - read_before);
+            read_before = read;
+        }
+        let _flooder = writer.join().unwrap();
+        assert_eq!(
+            read_before,
+            (LINES * LINE) as u64,
+            "all read, in {turns} turns"
+        );
+        assert!(
+            most_in_a_turn <= READ_BUDGET as u64,
+            "{most_in_a_turn} bytes read from one client in one turn (budget {READ_BUDGET})"
+        );
     }
 }

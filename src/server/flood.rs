@@ -1,112 +1,151 @@
-//! Flood control: a token bucket per client.
+//! Flood control: a token bucket per client, and reading more slowly instead of dropping.
 //!
 //! Each line a client sends takes a token; tokens come back at `--flood-rate` per second up to
-//! `--flood-burst`. A person typing or pasting a paragraph stays within it; a script flooding
-//! the room has its excess lines dropped before they cost anyone else anything. The sender is
-//! warned once per burst, not once per dropped line, which would be a flood of its own: the
-//! warning is armed again only when the client has been quiet long enough to refill its bucket.
+//! `--flood-burst`. A person typing or pasting a paragraph stays within it. A client with no
+//! tokens left is simply not read until it has earned some back (what IRC servers call fake
+//! lag): its lines wait in the kernel's buffers and, once those are full, its own writes block.
+//! Nothing is dropped, order is kept, the server holds at most one read of its input, and only
+//! the flooder is slowed. It is told once per burst, not once per delayed line: the notice is
+//! armed again only when the client has been quiet long enough to refill its bucket.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::FloodLimit;
+
+/// Fractions of a token lost to floating-point rounding.
+const TOKEN_ROUNDING: f64 = 1e-6;
 
 /// One client's allowance.
 #[derive(Clone, Copy, Debug)]
 pub struct TokenBucket {
-    tokens: f32,
+    tokens: f64,
     last_refill: Instant,
+    /// Already told it is being slowed down in this burst.
     warned: bool,
-}
-
-/// Whether a line may go through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Allowed,
-    /// Dropped; `warn` is true for the first line dropped in this burst.
-    Dropped {
-        warn: bool,
-    },
 }
 
 impl TokenBucket {
     /// A full bucket: a new client may send a whole burst at once.
     pub fn full(limit: FloodLimit, now: Instant) -> Self {
         TokenBucket {
-            tokens: limit.burst as f32,
+            tokens: f64::from(limit.burst),
             last_refill: now,
             warned: false,
         }
     }
 
-    /// Takes a token for one line if there is one.
-    pub fn take(&mut self, limit: FloodLimit, now: Instant) -> Verdict {
-        let burst = limit.burst as f32;
+    /// Whole lines the client may send at `now`.
+    pub fn available(&mut self, limit: FloodLimit, now: Instant) -> u32 {
+        let burst = f64::from(limit.burst);
         let elapsed = now
             .saturating_duration_since(self.last_refill)
-            .as_secs_f32();
-        self.tokens = (self.tokens + elapsed * limit.lines_per_sec as f32).min(burst);
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(limit.lines_per_sec)).min(burst);
         self.last_refill = now;
         if self.tokens >= burst {
             self.warned = false;
         }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return Verdict::Allowed;
-        }
-        let warn = !self.warned;
-        self.warned = true;
-        Verdict::Dropped { warn }
+        // The margin absorbs rounding, so a client woken at `refilled_at` finds its lines there.
+        (self.tokens + TOKEN_ROUNDING) as u32
     }
+
+    /// Charges one line; callers first ask `available`.
+    pub fn spend(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    /// When the client will have earned `resume_lines` lines again, counted from the last
+    /// `available` call.
+    pub fn refilled_at(&self, limit: FloodLimit) -> Instant {
+        let missing = (f64::from(resume_lines(limit)) - self.tokens).max(0.0);
+        self.last_refill + Duration::from_secs_f64(missing / f64::from(limit.lines_per_sec))
+    }
+
+    /// True the first time in a burst that the client's lines had to wait.
+    pub fn first_delay_in_burst(&mut self) -> bool {
+        !std::mem::replace(&mut self.warned, true)
+    }
+}
+
+/// Lines a delayed client must have earned before it is read again: a tenth of a second's worth
+/// (at least one, at most a burst). Reading one line at a time would wake the loop, and copy to
+/// every recipient, once per line; this keeps the rate exact at a tenth of the wakeups.
+pub fn resume_lines(limit: FloodLimit) -> u32 {
+    (limit.lines_per_sec / 10).clamp(1, limit.burst)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     const LIMIT: FloodLimit = FloodLimit {
         lines_per_sec: 20,
         burst: 40,
     };
 
-    fn count(bucket: &mut TokenBucket, lines: usize, now: Instant) -> (usize, usize) {
-        let (mut allowed, mut warnings) = (0, 0);
-        for _ in 0..lines {
-            match bucket.take(LIMIT, now) {
-                Verdict::Allowed => allowed += 1,
-                Verdict::Dropped { warn: true } => warnings += 1,
-                Verdict::Dropped { warn: false } => {}
-            }
+    /// Sends up to `lines` at `now`, as the loop does: only what is available.
+    fn send(bucket: &mut TokenBucket, lines: u32, now: Instant) -> u32 {
+        let allowed = bucket.available(LIMIT, now).min(lines);
+        for _ in 0..allowed {
+            bucket.spend();
         }
-        (allowed, warnings)
+        allowed
     }
 
     #[test]
-    fn a_burst_passes_then_the_rate_applies_with_one_warning() {
+    fn a_burst_passes_then_the_rate_applies() {
         let start = Instant::now();
         let mut bucket = TokenBucket::full(LIMIT, start);
-        assert_eq!(count(&mut bucket, 100, start), (40, 1));
-        // Half a second later: 10 more tokens, and no second warning for the same burst.
-        let later = start + Duration::from_millis(500);
-        assert_eq!(count(&mut bucket, 100, later), (10, 0));
+        assert_eq!(send(&mut bucket, 100, start), 40);
+        assert_eq!(
+            send(&mut bucket, 100, start + Duration::from_millis(500)),
+            10
+        );
     }
 
     #[test]
-    fn the_warning_is_armed_again_once_the_bucket_has_refilled() {
+    fn a_delayed_client_is_read_again_when_it_has_earned_a_tenth_of_a_second() {
         let start = Instant::now();
         let mut bucket = TokenBucket::full(LIMIT, start);
-        assert_eq!(count(&mut bucket, 41, start), (40, 1));
-        let rested = start + Duration::from_secs(2);
-        assert_eq!(count(&mut bucket, 41, rested), (40, 1));
+        send(&mut bucket, 100, start);
+        assert_eq!(resume_lines(LIMIT), 2);
+        let resume = bucket.refilled_at(LIMIT);
+        let wait = resume - start;
+        assert!(
+            wait >= Duration::from_millis(99) && wait <= Duration::from_millis(101),
+            "{wait:?}"
+        );
+        assert_eq!(send(&mut bucket, 100, resume), 2);
+        let slow = FloodLimit {
+            lines_per_sec: 1,
+            burst: 5,
+        };
+        assert_eq!(resume_lines(slow), 1, "at least one line");
     }
 
     #[test]
-    fn a_steady_sender_within_the_rate_is_never_dropped() {
+    fn the_notice_is_given_once_per_burst_and_armed_again_once_refilled() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::full(LIMIT, start);
+        send(&mut bucket, 41, start);
+        assert!(bucket.first_delay_in_burst());
+        assert!(!bucket.first_delay_in_burst());
+        send(&mut bucket, 1, start + Duration::from_millis(500));
+        assert!(!bucket.first_delay_in_burst(), "same burst");
+        send(&mut bucket, 41, start + Duration::from_secs(3));
+        assert!(
+            bucket.first_delay_in_burst(),
+            "the bucket refilled in between"
+        );
+    }
+
+    #[test]
+    fn a_steady_sender_within_the_rate_is_never_delayed() {
         let start = Instant::now();
         let mut bucket = TokenBucket::full(LIMIT, start);
         for n in 0..1000 {
             let now = start + Duration::from_millis(50 * n);
-            assert_eq!(bucket.take(LIMIT, now), Verdict::Allowed, "line {n}");
+            assert_eq!(send(&mut bucket, 1, now), 1, "line {n}");
         }
     }
 }

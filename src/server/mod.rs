@@ -10,7 +10,9 @@ mod event_loop;
 mod flood;
 mod heap;
 pub mod inbox;
+mod presence;
 mod room;
+mod timers;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::thread::{self, JoinHandle};
@@ -19,6 +21,7 @@ use mio::net::TcpListener;
 use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::ServerConfig;
 use crate::error::Error;
@@ -31,6 +34,8 @@ use inbox::{Inbox, LoopInput, LoopSender};
 pub struct Server {
     event_loop: EventLoop,
     local_addr: SocketAddr,
+    /// The listen backlog in force: the requested one, capped by the system.
+    backlog: u32,
     sender: LoopSender,
 }
 
@@ -63,6 +68,7 @@ impl ServerHandle {
                 }
                 if let Some(signal) = received.next() {
                     warn!("{} again: exiting without waiting", signal_name(signal));
+                    crate::log::flush(std::time::Duration::from_millis(200));
                     std::process::exit(128 + signal);
                 }
             })?;
@@ -82,12 +88,13 @@ impl Server {
     /// Binds the listener and starts the persistence thread (if configured).
     pub fn bind(config: ServerConfig) -> Result<Server, Error> {
         let addr = resolve(&config.host, config.port)?;
-        let listener = TcpListener::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+        let backlog = effective_backlog(config.backlog);
+        let listener = listen(addr, backlog).map_err(|source| Error::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let (sender, inbox) = Inbox::new(waker);
-        let persister = match config.store {
+        let persister = match config.store.clone() {
             Some(store) => {
                 info!(
                     "persistence on: {}.{} at {}",
@@ -102,18 +109,11 @@ impl Server {
                 None
             }
         };
-        let event_loop = EventLoop::new(
-            poll,
-            listener,
-            inbox,
-            persister,
-            config.limits,
-            config.max_clients,
-            config.shutdown_timeout,
-        )?;
+        let event_loop = EventLoop::new(poll, listener, inbox, persister, &config)?;
         Ok(Server {
             event_loop,
             local_addr,
+            backlog,
             sender,
         })
     }
@@ -132,7 +132,10 @@ impl Server {
 
     /// Serves on this thread until shut down.
     pub fn run(self) -> Result<(), Error> {
-        info!("listening on {}", self.local_addr);
+        info!(
+            "listening on {} (backlog {})",
+            self.local_addr, self.backlog
+        );
         self.event_loop.run()?;
         info!("server stopped");
         Ok(())
@@ -179,6 +182,36 @@ impl RunningServer {
 impl Drop for RunningServer {
     fn drop(&mut self) {
         let _ = self.stop_and_join();
+    }
+}
+
+/// A listening socket with room for `backlog` connections waiting to be accepted (mio's own
+/// `bind` always asks for 128, which a reconnect storm overflows in a moment).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As mio and std do: a restarted server can bind again while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Where the kernel caps every listen backlog (Linux); unknown elsewhere.
+const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
+
+/// The backlog the kernel will really give: `wanted`, capped by `net.core.somaxconn` as it caps
+/// Redis' and nginx's. Logged at start so an operator sees when the system setting wins.
+fn effective_backlog(wanted: u32) -> u32 {
+    let cap = std::fs::read_to_string(SOMAXCONN_PATH)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    match cap {
+        Some(cap) if cap < wanted => {
+            warn!("--backlog {wanted} is capped to {cap} by net.core.somaxconn ({SOMAXCONN_PATH})");
+            cap
+        }
+        _ => wanted,
     }
 }
 

@@ -14,7 +14,6 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::connection::{CloseReason, Connection};
-use super::flood::Verdict;
 use crate::config::ClientLimits;
 use crate::persist::ClientRef;
 use crate::protocol;
@@ -93,17 +92,6 @@ impl Room {
         &self.limits
     }
 
-    /// Takes a flood-control token for a line from `slot`.
-    pub fn take_flood_token(&mut self, slot: usize, now: Instant) -> Verdict {
-        let Some(limit) = self.limits.flood else {
-            return Verdict::Allowed;
-        };
-        match self.get_mut(slot) {
-            Some(conn) => conn.take_flood_token(limit, now),
-            None => Verdict::Dropped { warn: false },
-        }
-    }
-
     /// The slot of a client token, if it is one.
     pub fn slot_of(token: Token) -> Option<usize> {
         token.0.checked_sub(FIRST_CLIENT_TOKEN)
@@ -122,6 +110,11 @@ impl Room {
         self.get(client.slot).filter(|conn| conn.id() == client.id)
     }
 
+    pub fn find_mut(&mut self, client: ClientRef) -> Option<&mut Connection> {
+        self.get_mut(client.slot)
+            .filter(|conn| conn.id() == client.id)
+    }
+
     /// How `slot` is named in persistence reports.
     pub fn client_ref(&self, slot: usize) -> Option<ClientRef> {
         self.get(slot).map(|conn| ClientRef {
@@ -133,6 +126,21 @@ impl Room {
     /// Connected clients, closing ones included.
     pub fn len(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// The id the next client will get: every client connected now has a lower one.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Slot and id of every open connection, for lines that differ per recipient.
+    pub fn open_clients(&self) -> Vec<ClientRef> {
+        self.open_connections()
+            .map(|(slot, conn)| ClientRef {
+                slot,
+                id: conn.id(),
+            })
+            .collect()
     }
 
     /// Names of open connections.
@@ -175,12 +183,12 @@ impl Room {
         self.gathered_chat.clear();
     }
 
-    /// `* TEXT` to every open connection except `except`.
-    pub fn notice_all(&mut self, except: Option<usize>, text: &str) {
+    /// `* TEXT` to every open connection except `except`; returns how many it went to.
+    pub fn notice_all(&mut self, except: Option<usize>, text: &str) -> usize {
         self.send_gathered_chat();
         self.line.clear();
         protocol::write_notice(&mut self.line, text);
-        self.fan_out(except);
+        self.fan_out(except)
     }
 
     /// `* TEXT` to one connection.
@@ -224,17 +232,17 @@ impl Room {
         }
     }
 
-    /// Removes the connections marked closing and returns them, so the caller can say goodbye
-    /// and log. Their slots become free.
-    pub fn take_closed(&mut self) -> Vec<Connection> {
-        let mut closed = Vec::with_capacity(self.to_reap.len());
-        for slot in std::mem::take(&mut self.to_reap) {
-            if let Some(conn) = self.slots.get_mut(slot).and_then(Option::take) {
-                self.free.push(slot);
-                closed.push(conn);
-            }
-        }
-        closed
+    /// The slots marked closing since the last call. They stay in the room (out of every
+    /// delivery) until `remove`d, so a closing client can still be given its last output.
+    pub fn take_to_reap(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.to_reap)
+    }
+
+    /// Takes a connection out; its slot becomes free.
+    pub fn remove(&mut self, slot: usize) -> Option<Connection> {
+        let conn = self.slots.get_mut(slot).and_then(Option::take)?;
+        self.free.push(slot);
+        Some(conn)
     }
 
     /// Frees the buffers of connections that were quiet since the last sweep. Returns the bytes
@@ -253,15 +261,25 @@ impl Room {
         freed
     }
 
-    /// True if any open connection has output not yet written.
+    /// True if any connection, closing ones still writing their last output included, has
+    /// output not yet written.
     pub fn has_pending_output(&self) -> bool {
-        self.open_connections()
-            .any(|(_, conn)| conn.pending_output() > 0)
+        self.slots
+            .iter()
+            .flatten()
+            .any(|conn| conn.pending_output() > 0)
     }
 
-    /// Every slot still in use, for shutdown.
+    /// Every open slot, for shutdown notices.
     pub fn slots_in_use(&self) -> Vec<usize> {
         self.open_connections().map(|(slot, _)| slot).collect()
+    }
+
+    /// Every occupied slot, closing connections included, for the final close.
+    pub fn occupied_slots(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&slot| self.slots[slot].is_some())
+            .collect()
     }
 
     fn open_connections(&self) -> impl Iterator<Item = (usize, &Connection)> {
@@ -272,29 +290,35 @@ impl Room {
             .filter(|(_, conn)| conn.closing().is_none())
     }
 
-    /// Copies the encoded line to every open connection except `except`.
-    fn fan_out(&mut self, except: Option<usize>) {
+    /// Copies the encoded line to every open connection except `except`; returns how many it
+    /// was queued for.
+    fn fan_out(&mut self, except: Option<usize>) -> usize {
+        let mut delivered = 0;
         for slot in 0..self.slots.len() {
-            if Some(slot) != except {
-                self.deliver(slot);
+            if Some(slot) != except && self.deliver(slot) {
+                delivered += 1;
             }
         }
+        delivered
     }
 
     /// Queues the encoded line to one open connection and files it for flushing, or for
-    /// reaping when this line takes it over the output limit.
-    fn deliver(&mut self, slot: usize) {
+    /// reaping when this line takes it over the output limit. True if it was queued.
+    fn deliver(&mut self, slot: usize) -> bool {
         let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         if conn.closing().is_some() {
-            return;
+            return false;
         }
         if !conn.queue(&self.line, self.limits.max_output) {
             self.to_reap.push(slot);
-        } else if !conn.flush_scheduled {
+            return false;
+        }
+        if !conn.flush_scheduled {
             conn.flush_scheduled = true;
             self.to_flush.push(slot);
         }
+        true
     }
 }

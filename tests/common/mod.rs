@@ -60,7 +60,11 @@ pub struct Chat {
 impl Chat {
     /// Connects and reads the welcome line.
     pub fn connect(addr: SocketAddr) -> Chat {
-        let writer = TcpStream::connect(addr).expect("connect to server");
+        Chat::over(TcpStream::connect(addr).expect("connect to server"))
+    }
+
+    /// A client on a socket already connected to the server; reads the welcome line.
+    pub fn over(writer: TcpStream) -> Chat {
         let reader = BufReader::new(writer.try_clone().expect("clone socket"));
         let mut chat = Chat {
             reader,

@@ -50,22 +50,38 @@ pub fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAd
         .spawn()
         .expect("start server");
     let log = forward_log(&mut child);
-    let server = ServerProcess {
+    let mut server = ServerProcess {
         child: Some(child),
         log,
+        listening: String::new(),
     };
     let line = server.wait_for_log(|line| line.contains("listening on "));
+    server.listening = line.clone();
+    // `listening on 127.0.0.1:PORT (backlog 1024)`
     let addr = line.split("listening on ").nth(1).unwrap();
-    (server, addr.trim().parse().expect("address in log"))
+    let addr = addr.split_whitespace().next().expect("address in log");
+    (server, addr.parse().expect("address in log"))
 }
 
 /// The server binary, killed when dropped so that a failing test leaves no server behind.
 pub struct ServerProcess {
     child: Option<Child>,
     log: mpsc::Receiver<String>,
+    /// The start line, `… INFO  listening on ADDR (backlog N)`.
+    pub listening: String,
 }
 
 impl ServerProcess {
+    /// Takes charge of a server started some other way (its log stays with the caller), so it
+    /// is killed when the test ends.
+    pub fn adopt(child: Child) -> ServerProcess {
+        ServerProcess {
+            child: Some(child),
+            log: mpsc::channel().1,
+            listening: String::new(),
+        }
+    }
+
     pub fn id(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -95,7 +111,7 @@ impl ServerProcess {
                 "timestamp: {line}"
             );
             assert!(
-                ["INFO ", "WARN ", "ERROR "]
+                ["DEBUG ", "INFO ", "WARN ", "ERROR "]
                     .iter()
                     .any(|level| rest.starts_with(level)),
                 "level: {line}"

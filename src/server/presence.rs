@@ -1,0 +1,209 @@
+//! Join and leave notices, coalesced so that a crowd arriving at once costs one line per client.
+//!
+//! Announcing every join to everyone costs O(N²): after a restart 10 000 clients reconnect and
+//! each join is copied to up to 10 000 others. So a join (or leave) is announced at once only
+//! when no line of its kind went out within the last `--presence-interval`; later ones are
+//! gathered and announced together when the interval ends, one line per kind:
+//! `* alice, bob and carol joined`, `* alice, bob, carol, dave, erin and 37 others joined`.
+//!
+//! Each recipient hears only of what happened while it was connected, and never of its own
+//! connection. Connection ids only grow, so "connected before this happened" is "id below a
+//! mark" and each recipient's part of a gathered list is a suffix of it: the few distinct lines
+//! are built once each.
+//!
+//! Order stays causal: the gathered joins are sent early when a client whose join is still
+//! waiting speaks, renames or leaves, so nobody sees `<bob> hi` or `* bob left` before
+//! `* bob joined`.
+
+use std::time::{Duration, Instant};
+
+use super::room::Room;
+use crate::persist::ClientRef;
+use crate::protocol;
+
+/// Names shown in one gathered notice; the rest are counted (`and 37 others`).
+pub const NAMES_SHOWN: usize = 5;
+
+/// The two kinds of presence notice, each coalesced on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Joined,
+    Left,
+}
+
+impl Kind {
+    fn verb(self) -> &'static str {
+        match self {
+            Kind::Joined => "joined",
+            Kind::Left => "left",
+        }
+    }
+}
+
+/// Presence notices of both kinds, with their gathering state.
+#[derive(Debug)]
+pub struct Presence {
+    interval: Duration,
+    joins: Gathering,
+    leaves: Gathering,
+}
+
+/// One kind's state.
+#[derive(Debug)]
+struct Gathering {
+    kind: Kind,
+    /// When a line of this kind last reached anyone.
+    last_sent: Option<Instant>,
+    /// Waiting to be announced, oldest first.
+    waiting: Vec<Event>,
+}
+
+/// A join or leave waiting to be announced.
+#[derive(Debug)]
+struct Event {
+    name: String,
+    /// Clients with an id below this were connected when it happened and hear of it. Never
+    /// decreasing along `waiting`, so each recipient's share is a suffix of the list.
+    heard_below: u64,
+    /// For a join: who joined, to mark as announced once the line goes out.
+    joiner: Option<ClientRef>,
+}
+
+impl Presence {
+    pub fn new(interval: Duration) -> Self {
+        Presence {
+            interval,
+            joins: Gathering::new(Kind::Joined),
+            leaves: Gathering::new(Kind::Left),
+        }
+    }
+
+    /// Announces the client in `slot` to the others, now or with the next gathered line.
+    pub fn joined(&mut self, room: &mut Room, slot: usize, now: Instant) {
+        let Some(conn) = room.get(slot) else { return };
+        let (name, id) = (conn.name.clone(), conn.id());
+        if self.joins.may_announce_at_once(now, self.interval) {
+            if room.notice_all(Some(slot), &protocol::joined(&name)) > 0 {
+                self.joins.last_sent = Some(now);
+            }
+            if let Some(conn) = room.get_mut(slot) {
+                conn.announced = true;
+            }
+            return;
+        }
+        self.joins.waiting.push(Event {
+            name,
+            heard_below: id,
+            joiner: Some(ClientRef { slot, id }),
+        });
+    }
+
+    /// Tells the others that `name` left. `announced` says whether its join went out: if it
+    /// is still waiting, the gathered joins go first.
+    pub fn left(&mut self, room: &mut Room, name: &str, announced: bool, now: Instant) {
+        if !announced {
+            self.announce_joins(room, now);
+        }
+        if self.leaves.may_announce_at_once(now, self.interval) {
+            if room.notice_all(None, &protocol::left(name)) > 0 {
+                self.leaves.last_sent = Some(now);
+            }
+            return;
+        }
+        self.leaves.waiting.push(Event {
+            name: name.to_string(),
+            heard_below: room.next_id(),
+            joiner: None,
+        });
+    }
+
+    /// Sends the gathered joins now, before a line from a client whose join is among them.
+    pub fn announce_joins(&mut self, room: &mut Room, now: Instant) {
+        self.joins.announce(room, now);
+    }
+
+    /// Sends the gathered lines whose interval has ended; joins first.
+    pub fn announce_due(&mut self, room: &mut Room, now: Instant) {
+        for gathering in [&mut self.joins, &mut self.leaves] {
+            if gathering.due(self.interval).is_some_and(|due| due <= now) {
+                gathering.announce(room, now);
+            }
+        }
+    }
+
+    /// When the next gathered line is due, if any is waiting.
+    pub fn next_due(&self) -> Option<Instant> {
+        [
+            self.joins.due(self.interval),
+            self.leaves.due(self.interval),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+impl Gathering {
+    fn new(kind: Kind) -> Self {
+        Gathering {
+            kind,
+            last_sent: None,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// Nothing is waiting and no line of this kind went out within the interval.
+    fn may_announce_at_once(&self, now: Instant, interval: Duration) -> bool {
+        self.waiting.is_empty()
+            && self
+                .last_sent
+                .is_none_or(|sent| now.saturating_duration_since(sent) >= interval)
+    }
+
+    fn due(&self, interval: Duration) -> Option<Instant> {
+        if self.waiting.is_empty() {
+            return None;
+        }
+        // Something waits only while a line went out within the interval.
+        self.last_sent.map(|sent| sent + interval)
+    }
+
+    /// Sends each open client its share of the waiting events as one line.
+    fn announce(&mut self, room: &mut Room, now: Instant) {
+        let waiting = std::mem::take(&mut self.waiting);
+        if waiting.is_empty() {
+            return;
+        }
+        // Most recipients were there before all of it and share the whole list's line.
+        let whole = gathered_line(&waiting, self.kind);
+        let mut reached = 0;
+        for client in room.open_clients() {
+            let first = waiting.partition_point(|event| event.heard_below <= client.id);
+            let share = &waiting[first..];
+            if share.is_empty() {
+                continue;
+            }
+            if first == 0 {
+                room.notice(client.slot, &whole);
+            } else {
+                room.notice(client.slot, &gathered_line(share, self.kind));
+            }
+            reached += 1;
+        }
+        for joiner in waiting.iter().filter_map(|event| event.joiner) {
+            if let Some(conn) = room.get_mut(joiner.slot).filter(|c| c.id() == joiner.id) {
+                conn.announced = true;
+            }
+        }
+        if reached > 0 {
+            self.last_sent = Some(now);
+        }
+    }
+}
+
+/// `alice joined`, `alice and bob joined`, `alice, bob and carol joined` (up to five names),
+/// `alice, bob, carol, dave, erin and 37 others joined` (`and 1 other`).
+fn gathered_line(events: &[Event], kind: Kind) -> String {
+    let names: Vec<&str> = events.iter().map(|event| event.name.as_str()).collect();
+    protocol::presence(&names, NAMES_SHOWN, kind.verb())
+}
