@@ -20,7 +20,7 @@
 //!
 //! The modules, in the order the test uses them:
 //!
-//! - `server`: the server binary under test: started, checked for clients left behind, its log;
+//! - `server`: the server binary under test: started, checked for clients left behind, stopped;
 //! - `resources`: its memory and CPU time, idle and after the run;
 //! - `run`: the client threads through the database outage;
 //! - `seats`: one client thread and the sessions of its seats;
@@ -47,7 +47,7 @@ use accounting::{account, stored_contents};
 use report::Summary;
 use resources::{measure_idle, wait_for_memory_back};
 use run::run_clients_through_outage;
-use server::{check_nobody_left, fd_limit_for_all_seats, start_server, ServerLog};
+use server::{check_nobody_left, fd_limit_for_all_seats, start_server, stop_server};
 
 /// Client seats: each is one connection at a time, reconnecting after every session.
 const SEATS: usize = 1000;
@@ -69,8 +69,10 @@ fn thousand_clients_churn_through_a_database_restart() {
     let peak_rss = server.memory_kib("VmHWM");
     check_nobody_left(addr);
     let resources = wait_for_memory_back(&server, &idle, peak_rss);
-    let log = ServerLog::collect(&server);
-    let stored = stored_contents(&db, run.totals.sent + 1);
+    // Stopped, the server has stored or reported every message it accepted: counting now
+    // sees the final state of the database.
+    let log = stop_server(server);
+    let stored = stored_contents(&db);
     let outcome = account(&run.totals, &stored, run.outage.killed_at);
     let summary = Summary {
         fd_limit,

@@ -101,16 +101,21 @@ impl Summary {
     fn print_server(&self) {
         let Resources {
             idle_rss,
+            idle_settled,
             idle_anon,
             peak_rss,
             final_rss,
+            final_settled,
             final_anon,
             rss_bound,
             rss_waited,
             cpu_secs,
         } = self.resources;
+        let settled = |yes: bool| if yes { "settled" } else { "still falling" };
         println!(
-            "  server RSS             idle {idle_rss} KiB, peak {peak_rss} KiB, final {final_rss} KiB ({:.1} s after the last client; bound {rss_bound} KiB); anonymous idle {idle_anon} KiB, final {final_anon} KiB",
+            "  server RSS             idle {idle_rss} KiB ({}), peak {peak_rss} KiB, final {final_rss} KiB ({}, {:.1} s after the last client; bound {rss_bound} KiB); anonymous idle {idle_anon} KiB, final {final_anon} KiB",
+            settled(idle_settled),
+            settled(final_settled),
             rss_waited.as_secs_f64()
         );
         println!("  server CPU             {cpu_secs:.1} s");

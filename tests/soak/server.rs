@@ -1,10 +1,12 @@
 //! The server binary under test: started on the test database, checked for clients left
-//! behind, and what its log shows.
+//! behind, stopped, and what its log shows.
 
 use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::common::process::{spawn_server, ServerProcess};
-use crate::common::{Chat, TestDb};
+use crate::common::{Chat, TestDb, DEADLINE};
 use crate::SEATS;
 
 /// The server's `--mongo-timeout-ms` here.
@@ -42,6 +44,37 @@ pub fn check_nobody_left(addr: SocketAddr) {
     last.read_to_end();
 }
 
+/// Stops the server as an operator would (SIGTERM) and waits for it to exit. A clean stop
+/// first lets the persistence thread store or report every message the server accepted (the
+/// log then says `persistence stopped: N messages saved, M not saved`, or that it was still
+/// busy at `--shutdown-timeout`), so from here on the database's contents are final: the
+/// settled state the accounting counts, where waiting for the count to stop changing could
+/// count too early. Returns what the summary shows of the whole log.
+pub fn stop_server(mut server: ServerProcess) -> ServerLog {
+    let mut log = server.log_so_far();
+    server.signal("-TERM");
+    let exit_code = server.wait_exit();
+    assert_eq!(
+        exit_code,
+        Some(0),
+        "the server did not stop cleanly on SIGTERM; the stored messages may not be final"
+    );
+    // The log arrives through a forwarding thread: read up to the server's last line.
+    let deadline = Instant::now() + DEADLINE;
+    while !log
+        .last()
+        .is_some_and(|line| line.ends_with(" server stopped"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no `server stopped` line within {DEADLINE:?} after the server exited"
+        );
+        thread::sleep(Duration::from_millis(20));
+        log.extend(server.log_so_far());
+    }
+    ServerLog::from_lines(log)
+}
+
 /// What the summary shows of the server's log.
 pub struct ServerLog {
     /// Client connections the server logged.
@@ -51,8 +84,7 @@ pub struct ServerLog {
 }
 
 impl ServerLog {
-    pub fn collect(server: &ServerProcess) -> ServerLog {
-        let all = server.log_so_far();
+    fn from_lines(all: Vec<String>) -> ServerLog {
         let connections = all
             .iter()
             .filter(|line| line.contains(" connected ("))
