@@ -22,10 +22,11 @@ pub fn fd_limit_for_all_seats() -> u64 {
     fd_limit
 }
 
-/// Starts the server binary on `db`, with a mongo timeout short enough for the outage to show.
+/// Starts the server binary on `db`, with a mongo timeout short enough for the outage to show,
+/// logging each connection (debug level) so the summary can count them.
 pub fn start_server(db: &TestDb) -> (ServerProcess, SocketAddr) {
     let flags = format!(
-        "--mongo-uri '{}' --mongo-db '{}' --mongo-timeout-ms {MONGO_TIMEOUT_MS}",
+        "--mongo-uri '{}' --mongo-db '{}' --mongo-timeout-ms {MONGO_TIMEOUT_MS} --log-level debug",
         db.uri, db.database
     );
     spawn_server("", &flags)
@@ -92,7 +93,9 @@ impl ServerLog {
         let lines = all
             .into_iter()
             .filter(|line| {
-                !line.contains(" INFO ")
+                [" WARN ", " ERROR "]
+                    .iter()
+                    .any(|level| line.contains(level))
                     || ["MongoDB", "persist", "saving", "storing"]
                         .iter()
                         .any(|word| line.contains(word))
