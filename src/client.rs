@@ -6,7 +6,7 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::Duration;
 
@@ -14,8 +14,10 @@ use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::protocol::{self, Command};
 
-/// After our input ends, how long to wait for the server to send its last lines and close.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// TCP keepalive idle time on the client's socket: after its input ends the client waits for the
+/// server to close, however long the server takes to work through a flood-delayed file, and
+/// keepalive is what tells it the server's host is gone.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// What the helper threads report.
 enum Event {
@@ -36,6 +38,11 @@ pub fn run(config: &ClientConfig) -> Result<(), Error> {
         addr: addr.clone(),
         source,
     })?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_IDLE / 3)
+        .with_retries(3);
+    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
     let (events, inbox) = mpsc::channel();
     spawn_server_reader(stream.try_clone()?, events.clone())?;
     spawn_input_reader(events)?;
@@ -70,14 +77,16 @@ fn converse(writer: &mut TcpStream, inbox: &Receiver<Event>) -> Result<(), Error
     }
 }
 
-/// After our side is closed, waits (bounded) for the server's last lines and its close.
+/// After our side is closed, waits for the server's last lines and its close. The server closes
+/// once it has handled every line we sent, which under flood control can take a while (lines are
+/// delayed, not dropped), so there is no fixed bound: keepalive ends the wait if the server's
+/// host disappears.
 fn wait_for_close(inbox: &Receiver<Event>) -> Result<(), Error> {
     loop {
-        match inbox.recv_timeout(CLOSE_GRACE) {
-            Ok(Event::ServerGone(_)) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        match inbox.recv() {
+            Ok(Event::ServerGone(_)) | Err(_) => return Ok(()),
             Ok(Event::OutputFailed(err)) => return Err(Error::Output(err)),
             Ok(_) => continue,
-            Err(RecvTimeoutError::Timeout) => return Ok(()),
         }
     }
 }

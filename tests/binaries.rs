@@ -165,6 +165,33 @@ fn a_log_nobody_reads_never_stops_the_chat() {
     assert!(dropped.contains(" WARN  "), "{dropped}");
 }
 
+/// `peerchat-client < file` with more lines than flood control lets through at once: every
+/// line arrives, in order, and the client waits for the server to finish before it exits.
+#[test]
+fn client_piping_a_long_file_delivers_every_line_before_exiting() {
+    const LINES: usize = 160; // 40 at once, the rest at 20/s: about 6 s
+    let server = start_chat_only(); // default flood control
+    let mut watcher = Chat::named(server.addr, "watcher");
+    let mut client = spawn_client(server.addr, &["--nick", "piper"]);
+    let file: String = (1..=LINES).map(|n| format!("{n}\n")).collect();
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(file.as_bytes()).unwrap();
+    stdin.write_all(b"/who\n").unwrap();
+    drop(stdin);
+    watcher.wait_for(|line| line.ends_with("is now piper"));
+    for n in 1..=LINES {
+        assert_eq!(watcher.line(), format!("<piper> {n}"));
+    }
+    assert_eq!(watcher.line(), "* piper left");
+    let out = run_bounded(client);
+    assert!(out.status.success(), "exit {:?}", out.status);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().any(|line| line.starts_with("* 2 online: ")),
+        "the answer to the last line, sent after the server worked through the file: {stdout}"
+    );
+}
+
 #[test]
 fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
     let server = start_chat_only();
