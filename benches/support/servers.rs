@@ -66,8 +66,12 @@ impl ServerProcess {
                 .next()
                 .and_then(Result::ok)
                 .unwrap_or_else(|| die("peerchat-server exited before listening"));
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                break addr.trim().parse().expect("address in the server log");
+            // `listening on ADDR`, possibly followed by more (e.g. `(backlog 1024)`).
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break addr.parse().unwrap_or_else(|_| {
+                    die(&format!("no address in the server's log line `{line}`"))
+                });
             }
         };
         // Keep draining its log so it never blocks on a full pipe.
