@@ -488,6 +488,8 @@ fn save_storm_run(kind: Kind, run: usize, room_interval: Duration, o: &StormOutc
             ("retries", o.retries.to_string()),
             ("failed", o.failed.to_string()),
             ("dropped", o.dropped.to_string()),
+            ("still_connecting", o.still_connecting.to_string()),
+            ("connected_waiting", o.waiting.to_string()),
             (
                 "all_greeted_s",
                 o.all_greeted_s.map_or("null".into(), |s| format!("{s:.3}")),
@@ -593,21 +595,24 @@ fn print_storm_summary(summary: &[(usize, Vec<(Kind, StormOutcome)>)], runs: usi
         row("server CPU s", &|o| o.server_cpu, 2, "");
         row("peak RSS MB", &|o| o.peak_rss_kib as f64 / 1024.0, 1, "");
         row("generator CPU s", &|o| o.generator_cpu, 2, "");
-        row("room chat p50 ms", &|o| ms(o.room.latency_us[0]), 1, "");
-        row("room chat p99 ms", &|o| ms(o.room.latency_us[1]), 1, "");
-        row("room chat max ms", &|o| ms(o.room.latency_us[3]), 1, "");
-        row(
-            "  from deliveries",
-            &|o| o.room.latency_samples as f64,
-            0,
-            "",
-        );
-        row(
-            "  p99 before the storm ms",
-            &|o| ms(o.room.calm_latency_us[1]),
-            1,
-            "",
-        );
+        // A silent room (--room-interval 0) has no latency to show.
+        if ours.room.latency_samples > 0 {
+            row("room chat p50 ms", &|o| ms(o.room.latency_us[0]), 1, "");
+            row("room chat p99 ms", &|o| ms(o.room.latency_us[1]), 1, "");
+            row("room chat max ms", &|o| ms(o.room.latency_us[3]), 1, "");
+            row(
+                "  from deliveries",
+                &|o| o.room.latency_samples as f64,
+                0,
+                "",
+            );
+            row(
+                "  p99 before storm ms",
+                &|o| ms(o.room.calm_latency_us[1]),
+                1,
+                "",
+            );
+        }
         row(
             "room lines missing",
             &|o| (o.room.expected - o.room.received.min(o.room.expected)) as f64,

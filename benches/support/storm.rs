@@ -64,7 +64,9 @@ pub struct StormOutcome {
     pub failed: usize,
     /// Clients the server closed after greeting them.
     pub dropped: usize,
-    /// Clients connected (as far as they know) but never greeted.
+    /// Clients never greeted whose connect had not completed at the end (their SYNs were
+    /// dropped), and those connected as far as they know (the server never accepted them).
+    pub still_connecting: usize,
     pub waiting: usize,
     /// From the first connect to the last greeting; `None` if not everyone was greeted.
     pub all_greeted_s: Option<f64>,
@@ -112,8 +114,8 @@ impl StormOutcome {
         let mut problems = Vec::new();
         if self.greeted < self.clients {
             problems.push(format!(
-                "{} of {} greeted ({} connected and waiting)",
-                self.greeted, self.clients, self.waiting
+                "{} of {} greeted ({} still connecting, {} connected and waiting)",
+                self.greeted, self.clients, self.still_connecting, self.waiting
             ));
         }
         if self.failed > 0 {
@@ -122,7 +124,7 @@ impl StormOutcome {
         if self.dropped > 0 {
             problems.push(format!("{} closed by the server", self.dropped));
         }
-        if !self.settled {
+        if !self.settled && self.greeted == self.clients {
             problems.push("presence lines still coming at the deadline".into());
         }
         let room = &self.room;
@@ -588,6 +590,15 @@ impl Storm {
         }
     }
 
+    /// Clients with a socket and no greeting whose connect has (`true`) or has not completed.
+    fn waiting(&self, connected: bool) -> usize {
+        self.clients
+            .iter()
+            .filter_map(|c| c.socket.as_ref().filter(|_| !c.greeted))
+            .filter(|socket| socket.peer_addr().is_ok() == connected)
+            .count()
+    }
+
     fn outcome(&self) -> StormOutcome {
         let all_greeted = self.greeted == self.clients.len();
         StormOutcome {
@@ -596,11 +607,8 @@ impl Storm {
             retries: self.retries,
             failed: self.failed,
             dropped: self.dropped,
-            waiting: self
-                .clients
-                .iter()
-                .filter(|c| c.socket.is_some() && !c.greeted)
-                .count(),
+            still_connecting: self.waiting(false),
+            waiting: self.waiting(true),
             all_greeted_s: match (all_greeted, self.last_greeting) {
                 (true, Some(last)) => Some((last - self.first_connect).as_secs_f64()),
                 _ => None,
