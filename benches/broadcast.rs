@@ -407,8 +407,7 @@ fn storms(options: &Options, open_file_limit: u64) -> bool {
                 save_storm_run(kind, run, options.room_interval, &outcome);
                 failed |= !outcome.complete();
                 match best.iter_mut().find(|(k, _)| *k == kind) {
-                    Some((_, kept))
-                        if kept.all_greeted_or_inf() <= outcome.all_greeted_or_inf() => {}
+                    Some((_, kept)) if !storm_better(&outcome, kept) => {}
                     Some((_, kept)) => *kept = outcome,
                     None => best.push((kind, outcome)),
                 }
@@ -418,6 +417,16 @@ fn storms(options: &Options, open_file_limit: u64) -> bool {
     }
     print_storm_summary(&summary, options.runs);
     failed
+}
+
+/// The better storm run: everyone greeted sooner or, if neither greeted everyone, more greeted.
+fn storm_better(a: &StormOutcome, b: &StormOutcome) -> bool {
+    match (a.all_greeted_s, b.all_greeted_s) {
+        (Some(a), Some(b)) => a < b,
+        (Some(_), None) => true,
+        (None, Some(_)) => false,
+        (None, None) => a.greeted > b.greeted,
+    }
 }
 
 fn print_storm_header() {
@@ -527,7 +536,7 @@ fn save_storm_run(kind: Kind, run: usize, room_interval: Duration, o: &StormOutc
 /// goals.
 fn print_storm_summary(summary: &[(usize, Vec<(Kind, StormOutcome)>)], runs: usize) {
     let which = if runs > 1 {
-        format!("best of {runs} runs per server (soonest all greeted)")
+        format!("best of {runs} runs per server (soonest all greeted, else most greeted)")
     } else {
         "one run per server".to_string()
     };
