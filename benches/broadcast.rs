@@ -7,26 +7,39 @@
 //! cargo bench --bench broadcast -- --quick               # tiny run (CI)
 //! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 20000 --window 64,256
 //! cargo bench --bench broadcast -- --idle 1000,10000     # idle memory per connection only
+//! cargo bench --bench broadcast -- --storm 10000 --peer redis  # reconnect storm only
 //! ```
 //! Flags: `-n` receivers, `-p` senders, `-s` message bytes, `-m` messages per sender, `--window`
 //! messages in flight per sender (a list runs every scenario with each), `--threads` receiving threads, `--runs` runs per server (the
 //! best is kept), `--peer redis`, `--persist` (peerchat stores every message in a SecantusDB the
-//! bench starts), `--idle` counts, `--quick`.
+//! bench starts), `--idle` counts, `--storm` client counts (see `support::storm`),
+//! `--room-interval` milliseconds between two lines of one room member during a storm (0: the
+//! room is silent), `--storm-silent` (peerchat storm clients send nothing at all), `--quick`.
 //!
 //! Each run is printed as it finishes; then, per scenario, the best run of each server side by
 //! side with the ratios and goals. Every run is appended as a JSON line to
-//! `target/bench-results/broadcast.jsonl`.
+//! `target/bench-results/broadcast.jsonl` (storm runs with `"scenario":"storm"`).
 
 mod support;
+
+use std::time::Duration;
 
 use support::load::{self, Outcome, Scenario};
 use support::servers::{redis_available, Kind, ServerProcess, REDIS_MISSING};
 use support::stats::{append_json, json_str};
+use support::storm::{self, StormOutcome, ROOM_MEMBERS};
 use support::{die, raise_open_file_limit};
 
 /// Deliveries per scenario: a few seconds each on a 2-core machine.
 const DELIVERIES: u64 = 30_000_000;
 const QUICK_DELIVERIES: u64 = 200_000;
+/// Default pause between two lines of one room member during a storm: the room says 10 lines
+/// a second, each delivered to every storm client too (100 000 deliveries a second at 10 000
+/// clients). Ten times that is fan-out work enough to keep Redis busy on its own.
+const ROOM_INTERVAL_MS: u64 = 1000;
+/// Storm goals (issue 10), for 10 000 clients on a 2-core machine.
+const GOAL_ALL_GREETED_S: f64 = 1.0;
+const GOAL_PRESENCE_MB: f64 = 20.0;
 
 /// What the command line asked for.
 struct Options {
@@ -35,22 +48,27 @@ struct Options {
     runs: usize,
     persist: bool,
     idle_counts: Vec<usize>,
+    storm_counts: Vec<usize>,
+    room_interval: Duration,
+    /// Peerchat storm clients send nothing (by default an empty line once connected).
+    silent: bool,
 }
 
 fn main() {
     let open_file_limit = raise_open_file_limit();
     let options = parse_options();
-    let mut failed = false;
-    if !options.scenarios.is_empty() {
-        failed |= fan_out(&options);
+    let mut failures = Vec::new();
+    if !options.scenarios.is_empty() && fan_out(&options) {
+        failures.push("some receiver missed messages or saw them out of order");
     }
     if !options.idle_counts.is_empty() {
         support::idle::report(&options.idle_counts, &options.servers, open_file_limit);
     }
-    if failed {
-        eprintln!(
-            "\n!!! BENCH FAILURE: some receiver missed messages or saw them out of order !!!"
-        );
+    if !options.storm_counts.is_empty() && storms(&options, open_file_limit) {
+        failures.push("a reconnect storm did not complete (see the NO above)");
+    }
+    if !failures.is_empty() {
+        eprintln!("\n!!! BENCH FAILURE: {} !!!", failures.join("; "));
         std::process::exit(1);
     }
 }
@@ -104,6 +122,7 @@ fn parse_options() -> Options {
     let _ = args.contains("--bench"); // cargo bench passes it
     let quick = args.contains("--quick");
     let persist = args.contains("--persist");
+    let silent = args.contains("--storm-silent");
     let number = |args: &mut pico_args::Arguments, name: &'static str| -> Option<u64> {
         args.opt_value_from_str(name)
             .unwrap_or_else(|err| die(&format!("{name}: {err}")))
@@ -117,6 +136,8 @@ fn parse_options() -> Options {
     let runs = number(&mut args, "--runs").unwrap_or(1).max(1) as usize;
     let peer: Option<String> = args.opt_value_from_str("--peer").unwrap();
     let idle: Option<String> = args.opt_value_from_str("--idle").unwrap();
+    let storm: Option<String> = args.opt_value_from_str("--storm").unwrap();
+    let room_interval = number(&mut args, "--room-interval").unwrap_or(ROOM_INTERVAL_MS);
     let rest = args.finish();
     if !rest.is_empty() {
         die(&format!("unknown arguments: {rest:?}"));
@@ -136,8 +157,9 @@ fn parse_options() -> Options {
     };
     let windows = number_list("--window", windows.as_deref().unwrap_or("64"));
     let deliveries = if quick { QUICK_DELIVERIES } else { DELIVERIES };
-    let only_idle = idle.is_some() && receivers.is_none();
-    let scenarios = if only_idle {
+    // `--idle` or `--storm` without `-n` measures only that.
+    let only_extras = (idle.is_some() || storm.is_some()) && receivers.is_none();
+    let scenarios = if only_extras {
         Vec::new()
     } else {
         windows
@@ -156,12 +178,19 @@ fn parse_options() -> Options {
             })
             .collect()
     };
-    // Idle memory is part of the default run, not of a single chosen scenario.
+    // Idle memory and the storm are part of the default run, not of a single chosen scenario.
+    let chosen = receivers.is_some() || idle.is_some() || storm.is_some();
     let idle_counts = match idle {
         Some(list) => number_list("--idle", &list),
-        None if receivers.is_some() => Vec::new(),
+        None if chosen => Vec::new(),
         None if quick => vec![1000],
         None => vec![1000, 10_000],
+    };
+    let storm_counts = match storm {
+        Some(list) => number_list("--storm", &list),
+        None if chosen => Vec::new(),
+        None if quick => vec![1000],
+        None => vec![10_000],
     };
     Options {
         scenarios,
@@ -169,6 +198,9 @@ fn parse_options() -> Options {
         runs,
         persist,
         idle_counts,
+        storm_counts,
+        room_interval: Duration::from_millis(room_interval),
+        silent,
     }
 }
 
@@ -332,5 +364,278 @@ fn print_summary(summary: &[(Scenario, Vec<(Kind, Outcome)>)]) {
             None => ours.limit().to_string(),
         };
         println!("  {:<20} {limits:>25}", "limit (ours / redis)");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reconnect storm
+
+/// Runs every storm size on every server, a fresh server per run; true if any run was
+/// incomplete. Sizes the open-file limit cannot hold are skipped with a note.
+fn storms(options: &Options, open_file_limit: u64) -> bool {
+    let mut failed = false;
+    let mut summary = Vec::new();
+    let room = match options.room_interval.as_millis() {
+        0 => "stay silent".to_string(),
+        ms => format!("chat (each a line every {ms} ms)"),
+    };
+    let hello = if options.silent {
+        "send nothing"
+    } else {
+        "send an empty line once connected (Redis: SUBSCRIBE)"
+    };
+    println!(
+        "\nReconnect storm: N clients connect at once and {hello}, while {ROOM_MEMBERS} \
+         connected clients {room}"
+    );
+    print_storm_header();
+    for &clients in &options.storm_counts {
+        let needed = clients as u64 + 2 * ROOM_MEMBERS as u64 + 64;
+        if needed > open_file_limit {
+            println!(
+                "storm of {clients} skipped: the open-file limit is {open_file_limit} \
+                 (raise it with `ulimit -n` as root)"
+            );
+            continue;
+        }
+        let mut best: Vec<(Kind, StormOutcome)> = Vec::new();
+        for run in 1..=options.runs {
+            for &kind in &options.servers {
+                let server = ServerProcess::start(kind);
+                let outcome = storm::run(server, clients, options.room_interval, options.silent);
+                print_storm_run(kind, run, &outcome);
+                save_storm_run(kind, run, options.room_interval, &outcome);
+                failed |= !outcome.complete();
+                match best.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, kept)) if !storm_better(&outcome, kept) => {}
+                    Some((_, kept)) => *kept = outcome,
+                    None => best.push((kind, outcome)),
+                }
+            }
+        }
+        summary.push((clients, best));
+    }
+    print_storm_summary(&summary, options.runs);
+    failed
+}
+
+/// The better storm run: everyone greeted sooner or, if neither greeted everyone, more greeted.
+fn storm_better(a: &StormOutcome, b: &StormOutcome) -> bool {
+    match (a.all_greeted_s, b.all_greeted_s) {
+        (Some(a), Some(b)) => a < b,
+        (Some(_), None) => true,
+        (None, Some(_)) => false,
+        (None, None) => a.greeted > b.greeted,
+    }
+}
+
+fn print_storm_header() {
+    println!(
+        "{:<9} {:>6} {:>3} {:>7} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>7} {:>6} {:>6} {:>6} {:>18} {:>9} complete",
+        "server", "storm", "run", "greeted", "all s", "open s", "p50 ms", "p99 ms", "max ms",
+        "retried", "failed", "pres. MB", "pres. lns", "storm s", "cpu s", "rss MB", "gen s",
+        "room ms p50/p99/max", "calm p99"
+    );
+}
+
+fn print_storm_run(kind: Kind, run: usize, o: &StormOutcome) {
+    let complete = if o.complete() {
+        "yes".to_string()
+    } else {
+        format!("NO: {}", o.problems())
+    };
+    let all = o
+        .all_greeted_s
+        .map_or("-".to_string(), |s| format!("{s:.3}"));
+    let room = &o.room;
+    let storm_latency = if room.latency_samples == 0 {
+        "none sent".to_string()
+    } else {
+        let l = &room.latency_us;
+        format!("{:.1}/{:.1}/{:.1}", ms(l[0]), ms(l[1]), ms(l[3]))
+    };
+    println!(
+        "{:<9} {:>6} {:>3} {:>7} {:>7} {:>6.3} {:>7.1} {:>7.1} {:>7.1} {:>7} {:>6} {:>9.2} {:>9} {:>7.2} {:>6.2} {:>6.1} {:>6.2} {:>18} {:>9.1} {}",
+        kind.name(),
+        o.clients,
+        run,
+        o.greeted,
+        all,
+        o.opening_s,
+        ms(o.greeting_us[0]),
+        ms(o.greeting_us[1]),
+        ms(o.greeting_us[3]),
+        o.retries,
+        o.failed,
+        o.presence_megabytes(),
+        o.presence_lines,
+        o.storm_s,
+        o.server_cpu,
+        o.peak_rss_kib as f64 / 1024.0,
+        o.generator_cpu,
+        storm_latency,
+        ms(room.calm_latency_us[1]),
+        complete
+    );
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn save_storm_run(kind: Kind, run: usize, room_interval: Duration, o: &StormOutcome) {
+    let room = &o.room;
+    append_json(
+        "broadcast.jsonl",
+        &[
+            ("scenario", json_str("storm")),
+            ("server", json_str(kind.name())),
+            ("clients", o.clients.to_string()),
+            ("run", run.to_string()),
+            ("complete", o.complete().to_string()),
+            ("greeted", o.greeted.to_string()),
+            ("retries", o.retries.to_string()),
+            ("failed", o.failed.to_string()),
+            ("dropped", o.dropped.to_string()),
+            ("still_connecting", o.still_connecting.to_string()),
+            ("connected_waiting", o.waiting.to_string()),
+            (
+                "all_greeted_s",
+                o.all_greeted_s.map_or("null".into(), |s| format!("{s:.3}")),
+            ),
+            ("greeting_p50_us", o.greeting_us[0].to_string()),
+            ("greeting_p99_us", o.greeting_us[1].to_string()),
+            ("greeting_max_us", o.greeting_us[3].to_string()),
+            ("opening_s", format!("{:.3}", o.opening_s)),
+            // Redis sends no presence notices: 0.
+            ("presence_bytes", o.presence_bytes.to_string()),
+            ("presence_lines", o.presence_lines.to_string()),
+            ("presence_settled", o.settled.to_string()),
+            ("storm_s", format!("{:.3}", o.storm_s)),
+            ("server_cpu_s", format!("{:.2}", o.server_cpu)),
+            ("peak_rss_kib", o.peak_rss_kib.to_string()),
+            ("generator_cpu_s", format!("{:.2}", o.generator_cpu)),
+            ("room_members", room.members.to_string()),
+            ("room_interval_ms", room_interval.as_millis().to_string()),
+            ("room_sent", room.sent.to_string()),
+            ("room_expected", room.expected.to_string()),
+            ("room_received", room.received.to_string()),
+            ("room_out_of_order", room.out_of_order.to_string()),
+            ("room_p50_us", room.latency_us[0].to_string()),
+            ("room_p99_us", room.latency_us[1].to_string()),
+            ("room_max_us", room.latency_us[3].to_string()),
+            ("room_samples", room.latency_samples.to_string()),
+            ("room_calm_p50_us", room.calm_latency_us[0].to_string()),
+            ("room_calm_p99_us", room.calm_latency_us[1].to_string()),
+            ("room_calm_max_us", room.calm_latency_us[3].to_string()),
+        ],
+    );
+}
+
+/// Per storm size, the best run of each server (soonest all greeted) side by side, with the
+/// goals.
+fn print_storm_summary(summary: &[(usize, Vec<(Kind, StormOutcome)>)], runs: usize) {
+    let which = if runs > 1 {
+        format!("best of {runs} runs per server (soonest all greeted, else most greeted)")
+    } else {
+        "one run per server".to_string()
+    };
+    println!("\nReconnect storm, {which}:");
+    for (clients, best) in summary {
+        let get = |kind| best.iter().find(|(k, _)| *k == kind).map(|(_, o)| o);
+        let Some(ours) = get(Kind::Peerchat) else {
+            continue;
+        };
+        let theirs = get(Kind::Redis);
+        println!(
+            "\n  storm of {:<17} {:>12} {:>12} {:>7}  goal",
+            clients, "peerchat", "redis", "ratio"
+        );
+        let row =
+            |name: &str, figure: &dyn Fn(&StormOutcome) -> f64, decimals: usize, goal: &str| {
+                let mine = figure(ours);
+                let (other, ratio) = match theirs {
+                    Some(o) => {
+                        let other = figure(o);
+                        let ratio = if other > 0.0 && mine.is_finite() {
+                            format!("{:.2}", mine / other)
+                        } else {
+                            "-".into()
+                        };
+                        (format!("{other:.decimals$}"), ratio)
+                    }
+                    None => ("-".into(), "-".into()),
+                };
+                println!("  {name:<26} {mine:>12.decimals$} {other:>12} {ratio:>7}  {goal}");
+            };
+        let met = |ok: bool| if ok { "met" } else { "NOT MET" };
+        let all_greeted = ours.all_greeted_or_inf();
+        row(
+            "all greeted s",
+            &StormOutcome::all_greeted_or_inf,
+            3,
+            &format!(
+                "≤ {GOAL_ALL_GREETED_S} s: {}",
+                met(all_greeted <= GOAL_ALL_GREETED_S)
+            ),
+        );
+        row("greeting p50 ms", &|o| ms(o.greeting_us[0]), 1, "");
+        row("greeting p99 ms", &|o| ms(o.greeting_us[1]), 1, "");
+        row("greeting max ms", &|o| ms(o.greeting_us[3]), 1, "");
+        row("opening all s (generator)", &|o| o.opening_s, 3, "");
+        row("connects retried", &|o| o.retries as f64, 0, "");
+        row("clients given up", &|o| o.failed as f64, 0, "");
+        row(
+            "presence MB",
+            &StormOutcome::presence_megabytes,
+            2,
+            &format!(
+                "< {GOAL_PRESENCE_MB} MB: {}{}",
+                met(ours.presence_megabytes() < GOAL_PRESENCE_MB),
+                if theirs.is_some() {
+                    " (Redis sends no presence notices)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        row("presence lines", &|o| o.presence_lines as f64, 0, "");
+        row("storm s (to last presence)", &|o| o.storm_s, 3, "");
+        row("server CPU s", &|o| o.server_cpu, 2, "");
+        row("peak RSS MB", &|o| o.peak_rss_kib as f64 / 1024.0, 1, "");
+        row("generator CPU s", &|o| o.generator_cpu, 2, "");
+        // A silent room (--room-interval 0) has no latency to show.
+        if ours.room.latency_samples > 0 {
+            row("room chat p50 ms", &|o| ms(o.room.latency_us[0]), 1, "");
+            row("room chat p99 ms", &|o| ms(o.room.latency_us[1]), 1, "");
+            row("room chat max ms", &|o| ms(o.room.latency_us[3]), 1, "");
+            row(
+                "  from deliveries",
+                &|o| o.room.latency_samples as f64,
+                0,
+                "",
+            );
+            row(
+                "  p99 before storm ms",
+                &|o| ms(o.room.calm_latency_us[1]),
+                1,
+                "",
+            );
+        }
+        row(
+            "room lines missing",
+            &|o| (o.room.expected - o.room.received.min(o.room.expected)) as f64,
+            0,
+            &format!("none lost or reordered: {}", met(ours.room.complete())),
+        );
+        row(
+            "room lines out of order",
+            &|o| o.room.out_of_order as f64,
+            0,
+            "",
+        );
+        if *clients != 10_000 {
+            println!("  (the goals are set for 10 000 clients)");
+        }
     }
 }

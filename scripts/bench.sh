@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark the README's table comes from, on a fresh machine: installs redis-server for the
 # side-by-side column if it is missing (root + apt-get), then runs the fan-out bench against
-# peerchat and Redis (best of 3 runs each, at 64 and 256 messages in flight per sender) and the persistence bench (which installs SecantusDB).
+# peerchat and Redis (best of 3 runs each, at 64 and 256 messages in flight per sender; then idle memory and
+# the reconnect storm of 10 000 clients) and the persistence bench (which installs SecantusDB).
 # Extra arguments go to the broadcast bench, e.g. scripts/bench.sh --runs 1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -12,6 +12,7 @@ pub mod idle;
 pub mod load;
 pub mod servers;
 pub mod stats;
+pub mod storm;
 
 /// Stops the bench with a message; exit code 2 means "could not run", 1 means "ran and failed".
 pub fn die(message: &str) -> ! {
