@@ -1,7 +1,7 @@
 //! The database side of persistence: the driver client, the `timestamp` index, inserting a
 //! batch, and turning driver errors into which messages failed and a short reason.
 
-use bson::{doc, Document};
+use bson::{doc, RawDocumentBuf};
 use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::sync::{Client, Collection};
@@ -21,7 +21,8 @@ const DUPLICATE_KEY: i32 = 11000;
 /// behind a watchdog. Public so tests and benches can drive it directly.
 pub struct Store {
     config: StoreConfig,
-    collection: Option<Collection<Document>>,
+    /// Inserts the documents exactly as encoded when their messages were accepted.
+    collection: Option<Collection<RawDocumentBuf>>,
     /// The index exists, or could not be made for a reason retrying will not fix.
     index_settled: bool,
 }
@@ -54,9 +55,9 @@ impl Store {
         }
     }
 
-    /// Stores a batch. Returns the index of each document that could not be stored, with the
-    /// reason to give its sender.
-    pub fn save(&mut self, documents: &[Document]) -> Vec<(usize, String)> {
+    /// Stores a batch (of `Record`s, or of documents). Returns the index of each document that
+    /// could not be stored, with the reason to give its sender.
+    pub fn save(&mut self, documents: &[impl AsRef<RawDocumentBuf>]) -> Vec<(usize, String)> {
         let mut result = self.insert(documents);
         let mut sent_before = false;
         if let Err(err) = &result {
@@ -83,14 +84,17 @@ impl Store {
         failures
     }
 
-    fn insert(&mut self, documents: &[Document]) -> Result<(), DbError> {
+    fn insert(&mut self, documents: &[impl AsRef<RawDocumentBuf>]) -> Result<(), DbError> {
         let collection = self.collection()?;
-        collection.insert_many(documents).ordered(false).run()?;
+        collection
+            .insert_many(documents.iter().map(AsRef::as_ref))
+            .ordered(false)
+            .run()?;
         Ok(())
     }
 
     /// The collection, connecting on first use (and again after a failed attempt).
-    fn collection(&mut self) -> Result<&Collection<Document>, DbError> {
+    fn collection(&mut self) -> Result<&Collection<RawDocumentBuf>, DbError> {
         match &mut self.collection {
             Some(collection) => Ok(collection),
             empty @ None => Ok(empty.insert(connect(&self.config)?)),
@@ -121,7 +125,7 @@ impl Store {
 
 /// A driver client with peerchat's timeouts. Parsing a `mongodb+srv://` URI looks up DNS
 /// records, so this runs on the database thread, never at start-up.
-fn connect(config: &StoreConfig) -> Result<Collection<Document>, DbError> {
+fn connect(config: &StoreConfig) -> Result<Collection<RawDocumentBuf>, DbError> {
     let mut options = ClientOptions::parse(&config.uri).run()?;
     options.server_selection_timeout = Some(config.timeout);
     options.connect_timeout = Some(config.timeout);
