@@ -1,8 +1,12 @@
 //! A deadline on every batch, and a new driver client when one hangs. The driver times out
 //! server selection and connecting, but not an operation on a connection that is open and
-//! silent (a hung database, or a dead host that sends no reset), so the blocking driver calls
-//! run on a thread of their own, and the persistence thread stops waiting for them when the
+//! silent (a hung database, or a dead host that sends no reset), so the driver calls run on a
+//! worker thread of their own, and the persistence thread stops waiting for them when the
 //! deadline passes.
+//!
+//! Each worker runs a single-threaded Tokio runtime with its own driver client, always inside
+//! `block_on`: between batches it waits there for the next one, so the client's monitors keep
+//! running, and a batch's network I/O wakes no other thread.
 //!
 //! A call that overran its deadline may not return for a quarter of an hour (until TCP gives
 //! up), and every batch sent to the same client would wait behind it. So that client is
@@ -11,9 +15,12 @@
 //! `MAX_ABANDONED` abandoned clients may still be waiting (each holds sockets and driver
 //! tasks); beyond that, batches fail at once until one of them finishes.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::future::Future;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::thread;
 use std::time::Duration;
+
+use tokio::sync::mpsc as job_channel;
 
 use super::store::{Store, MAY_STILL_BE_SAVED};
 use super::{Batch, Record};
@@ -37,32 +44,32 @@ const NOT_RESPONDING: &str = "database not responding";
 /// Why a batch failed when the thread running its driver calls died (a panic).
 const WORKER_FAILED: &str = "storage error";
 
-/// What runs the blocking driver calls on a worker thread: the real `Store`, or a stand-in in
-/// the unit tests of this module.
+/// What runs the driver calls on a worker thread: the real `Store`, or a stand-in in the unit
+/// tests of this module.
 pub trait Saver: Send + 'static {
     /// Connects and prepares the collection; runs once, on the first worker only.
-    fn prepare(&mut self) {}
+    fn prepare(&mut self) -> impl Future<Output = ()>;
     /// Stores a batch; returns the index of each record not stored, with the reason.
-    fn save(&mut self, batch: &[Record]) -> Vec<(usize, String)>;
+    fn save(&mut self, batch: &[Record]) -> impl Future<Output = Vec<(usize, String)>>;
 }
 
 impl Saver for Store {
-    fn prepare(&mut self) {
-        Store::prepare(self);
+    fn prepare(&mut self) -> impl Future<Output = ()> {
+        Store::prepare(self)
     }
 
-    fn save(&mut self, batch: &[Record]) -> Vec<(usize, String)> {
+    fn save(&mut self, batch: &[Record]) -> impl Future<Output = Vec<(usize, String)>> {
         Store::save(self, batch)
     }
 }
 
 /// Makes the saver for each new worker.
-type MakeSaver = Box<dyn FnMut() -> Box<dyn Saver> + Send>;
+type MakeSaver<S> = Box<dyn FnMut() -> S + Send>;
 
 /// Runs each batch on a worker thread and gives up on it after its deadline; replaces a worker
 /// that hangs or dies.
-pub struct Inserter {
-    make_saver: MakeSaver,
+pub struct Inserter<S: Saver = Store> {
+    make_saver: MakeSaver<S>,
     /// The worker for the next batch; `None` until one is needed.
     current: Option<Worker>,
     /// Workers given up on, whose driver call has not returned yet.
@@ -76,7 +83,7 @@ pub struct Inserter {
 /// One worker thread, with its own saver (its own driver client).
 struct Worker {
     /// `None` once abandoned: the thread ends after its call returns.
-    jobs: Option<SyncSender<Batch>>,
+    jobs: Option<job_channel::Sender<Batch>>,
     done: Receiver<Vec<(usize, String)>>,
     /// Start-up (connect, index) has not reported yet.
     starting: bool,
@@ -90,11 +97,13 @@ struct Dead;
 impl Inserter {
     /// An inserter storing with `config`; each worker gets a new `Store`, so a new client.
     pub fn new(config: StoreConfig) -> Inserter {
-        Inserter::with_savers(Box::new(move || Box::new(Store::new(config.clone()))))
+        Inserter::with_savers(Box::new(move || Store::new(config.clone())))
     }
+}
 
+impl<S: Saver> Inserter<S> {
     /// Starts the first worker at once: it connects and creates the index before any message.
-    fn with_savers(make_saver: MakeSaver) -> Inserter {
+    fn with_savers(make_saver: MakeSaver<S>) -> Inserter<S> {
         let mut inserter = Inserter {
             make_saver,
             current: None,
@@ -167,22 +176,32 @@ impl Inserter {
         let prepare = self.started == 0;
         self.started += 1;
         let mut saver = (self.make_saver)();
-        let (jobs, job_rx) = mpsc::sync_channel::<Batch>(1);
+        let (jobs, mut job_rx) = job_channel::channel::<Batch>(1);
+        // Room for one answer: the worker never waits to hand it over.
         let (done_tx, done) = mpsc::sync_channel(1);
         let spawned = thread::Builder::new()
             .name(format!("peerchat-db-{}", self.started))
             .spawn(move || {
-                if prepare {
-                    saver.prepare();
-                    if done_tx.send(Vec::new()).is_err() {
-                        return;
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => return error!("cannot start the database runtime: {err}"),
+                };
+                runtime.block_on(async move {
+                    if prepare {
+                        saver.prepare().await;
+                        if done_tx.send(Vec::new()).is_err() {
+                            return;
+                        }
                     }
-                }
-                for batch in job_rx {
-                    if done_tx.send(saver.save(&batch)).is_err() {
-                        return;
+                    while let Some(batch) = job_rx.recv().await {
+                        if done_tx.send(saver.save(&batch).await).is_err() {
+                            return;
+                        }
                     }
-                }
+                });
             });
         match spawned {
             Ok(_) => Ok(Worker {
@@ -248,7 +267,8 @@ impl Worker {
         deadline: Duration,
     ) -> Result<Option<Vec<(usize, String)>>, Dead> {
         let jobs = self.jobs.as_ref().ok_or(Dead)?;
-        if jobs.send(batch.clone()).is_err() {
+        // Never waits: the worker has finished its last batch, so the channel is empty.
+        if jobs.blocking_send(batch.clone()).is_err() {
             self.jobs = None; // marks that the batch was never taken
             return Err(Dead);
         }
@@ -298,9 +318,12 @@ mod tests {
     struct StandIn(Behaviour);
 
     impl Saver for StandIn {
-        fn save(&mut self, _batch: &[Record]) -> Vec<(usize, String)> {
+        async fn prepare(&mut self) {}
+
+        async fn save(&mut self, _batch: &[Record]) -> Vec<(usize, String)> {
             match &self.0 {
                 Behaviour::Store => Vec::new(),
+                // Blocks the worker's runtime, as a hung driver call keeps it waiting.
                 Behaviour::Hang(release) => {
                     let _ = release.recv();
                     Vec::new()
@@ -312,13 +335,13 @@ mod tests {
 
     /// An inserter whose n-th worker behaves as the n-th of `behaviours` (then stores), and a
     /// count of the workers started.
-    fn inserter(behaviours: Vec<Behaviour>) -> (Inserter, Arc<Mutex<usize>>) {
+    fn inserter(behaviours: Vec<Behaviour>) -> (Inserter<StandIn>, Arc<Mutex<usize>>) {
         let started = Arc::new(Mutex::new(0));
         let count = started.clone();
         let mut behaviours = behaviours.into_iter();
-        let make: MakeSaver = Box::new(move || {
+        let make: MakeSaver<StandIn> = Box::new(move || {
             *count.lock().unwrap() += 1;
-            Box::new(StandIn(behaviours.next().unwrap_or(Behaviour::Store)))
+            StandIn(behaviours.next().unwrap_or(Behaviour::Store))
         });
         (Inserter::with_savers(make), started)
     }
