@@ -11,8 +11,10 @@
 //! Why only inserts, not every connection: the driver's monitor checks the server on its own
 //! connection, and when that check times out it clears the pool and interrupts operations in
 //! progress (mongodb 3.x `cmap/worker.rs`, `clear` with a network timeout). A proxy that hangs
-//! every connection therefore gets the driver to unstick itself within about 11 s. A hung
-//! connection with a healthy monitor next to it is the case the driver never recovers from.
+//! every connection therefore gets the driver to unstick itself: with such a proxy, the server
+//! without the new-client watchdog saved again (and stored the hung message after all) about
+//! 10 s after the heal. A hung connection with a healthy monitor next to it is the case the
+//! driver never recovers from.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
