@@ -10,7 +10,8 @@
 //! cannot store anything twice: the duplicate key error (11000) it gets means "already saved".
 //!
 //! If the thread itself fails (a panic), every message it still holds and every later one is
-//! reported `storage stopped`, and the loop logs that once: a message is never left unreported.
+//! reported `storage stopped`, and that is logged once (ERROR): a message is never left
+//! unreported.
 //!
 //! Three parts, one file each: this one (the queue, the batching thread, reporting back),
 //! `watchdog` (a deadline on every batch, and a new driver client when one hangs, since the
@@ -166,6 +167,20 @@ struct Shared {
     queued_bytes: AtomicUsize,
     /// The thread failed: it reports what it still gets as not saved, and `submit` refuses.
     failed: AtomicBool,
+    /// The failure has been logged, by whichever side saw it first.
+    failure_logged: AtomicBool,
+}
+
+impl Shared {
+    /// Says once that the persistence thread has failed and nothing is stored any more. The
+    /// thread says it as it fails; the loop says it if the thread vanished without a word.
+    fn log_failure(&self) {
+        if !self.failure_logged.swap(true, Ordering::AcqRel) {
+            error!(
+                "the persistence thread has stopped after a failure: messages are no longer stored, and each sender is told \"{STORAGE_STOPPED}\""
+            );
+        }
+    }
 }
 
 /// The loop's handle on the persistence thread.
@@ -179,8 +194,6 @@ pub struct Persister {
     shared: Arc<Shared>,
     /// The queue's bound in bytes (`--persist-queue-bytes`).
     max_bytes: usize,
-    /// The thread's failure has been logged (once).
-    failure_logged: Cell<bool>,
 }
 
 /// What the persistence thread did, reported when it ends.
@@ -233,8 +246,9 @@ impl Persister {
                     work(&incoming, shared, &results, &mut batch, &mut stats)
                 }));
                 if outcome.is_err() {
-                    // The panic message is already on stderr; the loop logs what it means.
+                    // The panic message is already on stderr; this says what it means.
                     shared.failed.store(true, Ordering::Release);
+                    shared.log_failure();
                     report_unsaved(&batch, &results, shared, &mut stats);
                     while let Ok(record) = incoming.recv() {
                         take_bytes(shared, record.size());
@@ -249,7 +263,6 @@ impl Persister {
             accepted: Cell::new(0),
             shared,
             max_bytes,
-            failure_logged: Cell::new(false),
         })
     }
 
@@ -266,7 +279,7 @@ impl Persister {
             return refuse(record, STORAGE_STOPPED);
         };
         if self.shared.failed.load(Ordering::Acquire) {
-            self.log_failure();
+            self.shared.log_failure();
             return refuse(record, STORAGE_STOPPED);
         }
         // Only this thread adds, so the bound holds: the persistence thread only takes off.
@@ -287,18 +300,9 @@ impl Persister {
             }
             Err(TrySendError::Disconnected(record)) => {
                 take_bytes(&self.shared, size);
-                self.log_failure();
+                self.shared.log_failure();
                 refuse(record, STORAGE_STOPPED)
             }
-        }
-    }
-
-    /// Says once that the persistence thread has failed and nothing is stored any more.
-    fn log_failure(&self) {
-        if !self.failure_logged.replace(true) {
-            error!(
-                "the persistence thread has stopped after a failure: messages are no longer stored, and each sender is told \"{STORAGE_STOPPED}\""
-            );
         }
     }
 
@@ -554,7 +558,7 @@ mod tests {
             (refused.content.as_str(), refused.reason),
             ("later", STORAGE_STOPPED)
         );
-        assert!(persister.failure_logged.get(), "the failure is logged");
+        assert!(persister.shared.failure_logged.load(Ordering::Acquire));
         assert_eq!(persister.queued_bytes(), 0);
         let stats = persister
             .finish(Duration::from_secs(10), || {})
