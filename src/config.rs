@@ -58,6 +58,10 @@ pub const DEFAULT_MONGO_TIMEOUT_MS: u64 = 2000;
 /// Messages waiting for the persistence thread. A full queue fails new messages at once
 /// instead of blocking the event loop.
 pub const DEFAULT_PERSIST_QUEUE: usize = 10_000;
+/// Bytes of encoded documents waiting for the persistence thread. The count bound alone lets
+/// the queue hold gigabytes at long lines (10 000 × a 1 MiB `--max-line`); 64 MiB holds the
+/// whole count at ordinary lengths, and a full queue fails new messages the same way.
+pub const DEFAULT_PERSIST_QUEUE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What the server needs to run.
 #[derive(Clone, Debug)]
@@ -121,6 +125,8 @@ pub struct StoreConfig {
     pub collection: String,
     pub timeout: Duration,
     pub queue_capacity: usize,
+    /// Bound of the save queue in bytes of encoded documents.
+    pub queue_bytes: usize,
 }
 
 /// What the client needs to run.
@@ -158,6 +164,7 @@ impl StoreConfig {
             collection: DEFAULT_MONGO_COLLECTION.to_string(),
             timeout: Duration::from_millis(DEFAULT_MONGO_TIMEOUT_MS),
             queue_capacity: DEFAULT_PERSIST_QUEUE,
+            queue_bytes: usize::try_from(DEFAULT_PERSIST_QUEUE_BYTES).unwrap_or(usize::MAX),
         }
     }
 }
@@ -205,6 +212,9 @@ Options:
                            but does not answer is given 3 times this [default: 2000]
   --persist-queue N        messages waiting to be saved before new ones are refused
                            [default: 10000]
+  --persist-queue-bytes BYTES
+                           bytes of messages waiting to be saved before new ones are
+                           refused [default: 67108864]
   --no-persist             run without a database (nothing is stored)
   -h, --help               print this help
   -V, --version            print the version
@@ -334,6 +344,13 @@ pub fn parse_server_args(
         1,
         10_000_000,
     )?;
+    let queue_bytes = bounded(
+        &mut args,
+        "--persist-queue-bytes",
+        DEFAULT_PERSIST_QUEUE_BYTES,
+        1024,
+        1 << 40,
+    )?;
     let no_persist = args.contains("--no-persist");
     reject_leftovers(args)?;
     if max_output < max_line.saturating_mul(2) {
@@ -356,6 +373,7 @@ pub fn parse_server_args(
             collection: collection.unwrap_or_else(|| DEFAULT_MONGO_COLLECTION.to_string()),
             timeout: Duration::from_millis(timeout_ms),
             queue_capacity: queue,
+            queue_bytes: usize::try_from(queue_bytes).unwrap_or(usize::MAX),
         })
     };
     let flood = (flood_rate > 0).then_some(FloodLimit {
@@ -500,6 +518,15 @@ mod tests {
             ("peerchat", "messages")
         );
         assert_eq!(store.timeout, Duration::from_secs(2));
+        assert_eq!(store.queue_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_save_queue_is_bounded_in_bytes_too() {
+        let config = run(server(&["--persist-queue-bytes", "100000"], None));
+        assert_eq!(config.store.unwrap().queue_bytes, 100_000);
+        let err = server(&["--persist-queue-bytes", "10"], None).unwrap_err();
+        assert!(err.0.starts_with("--persist-queue-bytes: "), "{err}");
     }
 
     #[test]
@@ -627,6 +654,7 @@ mod tests {
             "--mongo-collection",
             "--mongo-timeout-ms",
             "--persist-queue",
+            "--persist-queue-bytes",
             "--no-persist",
         ] {
             assert!(SERVER_HELP.contains(flag), "{flag} missing from --help");

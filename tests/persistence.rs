@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
+use common::proxy::Proxy;
 use common::{alice_and_bob, start_server, Chat, TestDb};
 use peerchat::persist::ClientRef;
 use peerchat::persist::{Record, Store};
@@ -257,6 +258,128 @@ fn a_hung_database_is_reported_and_saving_resumes_when_it_answers_again() {
     drop(db); // kill before the server's shutdown waits on it
 }
 
+/// The connection carrying an insert goes silent without closing (a dead host that sends no
+/// reset, a dropped route), while the driver's monitor connection keeps working, so the driver
+/// never gives up on the insert by itself. The watchdog reports the message, leaves that client
+/// behind, and saves with a new client as soon as new connections are answered, although the
+/// old connection is still hung.
+#[test]
+fn a_hung_connection_is_left_behind_and_saving_resumes_with_a_new_client() {
+    let db = TestDb::start_own();
+    let upstream = db.uri.strip_prefix("mongodb://").unwrap().parse().unwrap();
+    let proxy = Proxy::start(upstream);
+    let mut store = db.store_config();
+    // Direct: SecantusDB is a one-member replica set, and the driver would otherwise go around
+    // the proxy to the member's own address.
+    store.uri = format!("mongodb://{}/?directConnection=true", proxy.addr);
+    let server = start_server(ServerConfig::local(Some(store)));
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    alice.send("before the silence");
+    db.wait_for_stored(1);
+
+    proxy.blackhole_inserts();
+    alice.send("into the silence");
+    assert_eq!(bob.line(), "<alice> before the silence");
+    assert_eq!(bob.line(), "<alice> into the silence");
+    let report = alice.wait_for(|line| line.starts_with("! not saved"));
+    assert_eq!(
+        report,
+        "! not saved: \"into the silence\" (database not responding; it may still be saved)"
+    );
+
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while !db
+        .stored()
+        .iter()
+        .any(|d| d.get_str("content").is_ok_and(|c| c.starts_with("healed")))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "saving did not resume on new connections"
+        );
+        alice.send(&format!("healed {n}"));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        proxy.hung_connections() >= 1,
+        "the hung connection must still be open: the driver did not unstick itself"
+    );
+    let contents: Vec<String> = db
+        .stored()
+        .iter()
+        .map(|d| d.get_str("content").unwrap().to_string())
+        .collect();
+    assert_eq!(contents[0], "before the silence");
+    assert!(!contents.contains(&"into the silence".to_string()));
+}
+
+/// Long lines fill the save queue's byte bound long before its count bound. While the database
+/// is slow, the lines past the bound are refused at once, and each message is still stored or
+/// reported exactly once.
+#[test]
+fn long_lines_past_the_queue_byte_bound_are_refused_at_once() {
+    const LINES: usize = 6;
+    let db = TestDb::start_own();
+    let mut store = db.store_config();
+    store.queue_bytes = 3000; // two of the lines below; the count bound (10 000) is far away
+    let server = start_server(ServerConfig::local(Some(store)));
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    db.slow_inserts(Some(2000));
+    let lines: Vec<String> = (0..LINES)
+        .map(|n| format!("line {n} {}", "x".repeat(1000)))
+        .collect();
+    // One write: the server takes all of them in one turn, while the first insert is slow.
+    alice.send_bytes(format!("{}\n", lines.join("\n")).as_bytes());
+    for line in &lines {
+        assert_eq!(bob.line(), format!("<alice> {line}"));
+    }
+    let mut reported = Vec::new();
+    reported.push(alice.wait_for(|line| line.starts_with("! not saved")));
+    assert!(
+        reported[0].ends_with("(server busy: save queue full)"),
+        "{reported:?}"
+    );
+
+    let deadline = Instant::now() + 2 * common::DEADLINE;
+    loop {
+        while let Some(line) = alice.try_line(Duration::from_millis(200)) {
+            reported.push(line);
+        }
+        let stored = db.stored();
+        let settled = (0..LINES).all(|n| {
+            let prefix = format!("line {n} ");
+            let stored = stored
+                .iter()
+                .filter(|d| d.get_str("content").unwrap().starts_with(&prefix))
+                .count();
+            let quoted = format!("\"line {n} ");
+            let reports = reported.iter().filter(|l| l.contains(&quoted)).count();
+            assert!(
+                stored + reports <= 1,
+                "line {n}: stored {stored}, reported {reports}"
+            );
+            stored + reports == 1
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every line stored or reported: {reported:?}"
+        );
+    }
+    assert!(
+        reported
+            .iter()
+            .all(|l| l.ends_with("(server busy: save queue full)")),
+        "{reported:?}"
+    );
+    db.slow_inserts(None);
+}
+
 /// Inserts that take 1.5 s each (under the 3 s a batch is given) slow saving down, never the
 /// chat, and nothing is reported lost.
 #[test]
@@ -408,24 +531,31 @@ fn a_full_queue_fails_messages_at_once_and_each_gets_one_report() {
 fn resending_a_batch_stores_nothing_twice() {
     let db = TestDb::start();
     let mut store = Store::new(db.store_config());
-    let documents: Vec<_> = (0..10).map(|n| record(n).to_document()).collect();
-    assert!(store.save(&documents[..4]).is_empty(), "first part stored");
-    let failures = store.save(&documents);
+    let records: Vec<_> = (0..10).map(record).collect();
+    // The store uses the async driver, on a runtime of the caller's, as the server's worker does.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (first, again) = runtime.block_on(async {
+        let first = store.save(&records[..4]).await;
+        (first, store.save(&records).await)
+    });
+    assert!(first.is_empty(), "first part stored: {first:?}");
     assert!(
-        failures.is_empty(),
-        "duplicates must count as saved: {failures:?}"
+        again.is_empty(),
+        "duplicates must count as saved: {again:?}"
     );
     let stored = db.stored();
     assert_eq!(stored.len(), 10);
 }
 
 fn record(n: usize) -> Record {
-    Record {
-        id: ObjectId::new(),
-        sender: ClientRef { slot: 0, id: 1 },
-        content: format!("message {n}"),
-        nick: "tester".to_string(),
-        addr: "127.0.0.1:4000".parse().unwrap(),
-        accepted_at: OffsetDateTime::now_utc(),
-    }
+    Record::new(
+        ClientRef { slot: 0, id: 1 },
+        "tester",
+        "127.0.0.1:4000".parse().unwrap(),
+        &format!("message {n}"),
+        bson::DateTime::now(),
+    )
 }

@@ -1,31 +1,38 @@
 //! Persistence: one thread that stores chat messages in MongoDB, in batches.
 //!
-//! The event loop never calls the driver. It hands each message to this thread through a
-//! bounded queue (`try_send`, so a full queue fails the message at once instead of stalling the
-//! chat). The thread takes everything queued, inserts it with one unordered `insert_many`, and
-//! sends the messages that could not be stored back to the loop through its inbox.
+//! The event loop never calls the driver. It encodes each message once, as the raw BSON document
+//! that will be stored, and hands it to this thread through a queue bounded in count and in
+//! bytes (`try_send`, so a full queue fails the message at once instead of stalling the chat).
+//! The thread takes everything queued, inserts it with one unordered `insert_many`, and sends the
+//! messages that could not be stored back to the loop through its inbox.
 //!
 //! Each message gets its `_id` when it is accepted, so a batch sent again after a lost reply
 //! cannot store anything twice: the duplicate key error (11000) it gets means "already saved".
 //!
+//! If the thread itself fails (a panic), every message it still holds and every later one is
+//! reported `storage stopped`, and that is logged once (ERROR): a message is never left
+//! unreported.
+//!
 //! Three parts, one file each: this one (the queue, the batching thread, reporting back),
-//! `watchdog` (a deadline on every batch, since the driver cannot time out a silent
-//! connection), and `store` (the driver calls and what their errors mean).
+//! `watchdog` (a deadline on every batch, and a new driver client when one hangs, since the
+//! driver cannot time out a silent connection), and `store` (the driver calls and what their
+//! errors mean).
 
 mod store;
 mod watchdog;
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
-use bson::{doc, DateTime, Document};
-use time::OffsetDateTime;
+use bson::raw::cstr;
+use bson::{DateTime, RawDocumentBuf};
 
 use crate::config::StoreConfig;
 use crate::{error, info, warn};
@@ -35,6 +42,16 @@ use watchdog::{Inserter, BATCH_DEADLINE_FACTOR};
 /// Most documents in one `insert_many`: large enough to amortise a round trip, small enough
 /// that one batch stays far below MongoDB's 48 MB message limit at the longest lines.
 pub const MAX_BATCH: usize = 1000;
+
+/// A batch also ends once it holds this many bytes of documents, so that what is taken out of
+/// the byte-bounded queue (and what a hung driver call may hold on to) stays bounded too.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// The reason given when the queue is full (by count or by bytes).
+pub const QUEUE_FULL: &str = "server busy: save queue full";
+
+/// The reason given once the persistence thread has stopped, for shutdown or because it failed.
+pub const STORAGE_STOPPED: &str = "storage stopped";
 
 /// Names one connection for the lifetime of the server: its slot and its never-reused id. The
 /// persistence thread hands it back with each failure, so a late report can never reach a
@@ -69,31 +86,68 @@ impl Reporter for SyncSender<Vec<SaveFailure>> {
     }
 }
 
-/// A chat message on its way to the database, with everything its document needs.
-#[derive(Debug)]
+/// The BSON of `{}`: its length (5, little-endian) and the terminating zero.
+const EMPTY_DOCUMENT: [u8; 5] = [5, 0, 0, 0, 0];
+
+/// A chat message on its way to the database: who sent it, and the document to store, encoded
+/// once when the message was accepted. The persistence thread and the driver only pass the
+/// encoded bytes on; nothing is built or converted again per message.
+#[derive(Clone, Debug)]
 pub struct Record {
-    /// Chosen at acceptance and kept across retries, which makes inserts idempotent.
-    pub id: ObjectId,
     /// Who to tell if it cannot be stored.
     pub sender: ClientRef,
-    pub content: String,
-    pub nick: String,
-    pub addr: SocketAddr,
-    pub accepted_at: OffsetDateTime,
+    document: RawDocumentBuf,
 }
 
 impl Record {
-    /// The stored document; the README's schema section describes it.
-    pub fn to_document(&self) -> Document {
-        let millis = self.accepted_at.unix_timestamp_nanos() / 1_000_000;
-        doc! {
-            "_id": self.id,
-            "content": &self.content,
-            "ip": self.addr.ip().to_string(),
-            "port": i32::from(self.addr.port()),
-            "nick": &self.nick,
-            "timestamp": DateTime::from_millis(millis as i64),
-        }
+    /// The message as its stored document (the README's schema section describes it), with a new
+    /// `_id`: chosen at acceptance and kept across retries, which makes inserts idempotent.
+    pub fn new(
+        sender: ClientRef,
+        nick: &str,
+        addr: SocketAddr,
+        content: &str,
+        accepted_at: DateTime,
+    ) -> Record {
+        let ip = addr.ip().to_string();
+        // One allocation of the right size, and the strings borrowed, not copied first (as
+        // `rawdoc!` would): 85 bytes of field names, types, lengths and fixed-size values.
+        let mut bytes = Vec::with_capacity(85 + content.len() + ip.len() + nick.len());
+        bytes.extend_from_slice(&EMPTY_DOCUMENT);
+        let mut document = RawDocumentBuf::from_bytes(bytes).expect("an empty document");
+        document.append(cstr!("_id"), ObjectId::new());
+        document.append(cstr!("content"), content);
+        document.append(cstr!("ip"), ip.as_str());
+        document.append(cstr!("port"), i32::from(addr.port()));
+        document.append(cstr!("nick"), nick);
+        document.append(cstr!("timestamp"), accepted_at);
+        Record { sender, document }
+    }
+
+    /// The document as it is stored.
+    pub fn document(&self) -> &RawDocumentBuf {
+        &self.document
+    }
+
+    /// The message text, read back from the document (only needed to report a failure).
+    pub fn content(&self) -> &str {
+        self.document.get_str("content").unwrap_or_default()
+    }
+
+    /// The document's `_id`.
+    pub fn id(&self) -> Option<ObjectId> {
+        self.document.get_object_id("_id").ok()
+    }
+
+    /// What the record costs the save queue: the size of its encoded document.
+    pub fn size(&self) -> usize {
+        self.document.as_bytes().len()
+    }
+}
+
+impl AsRef<RawDocumentBuf> for Record {
+    fn as_ref(&self) -> &RawDocumentBuf {
+        &self.document
     }
 }
 
@@ -104,6 +158,31 @@ pub struct SubmitError {
     pub reason: &'static str,
 }
 
+/// What the loop's handle and the persistence thread share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Messages the persistence thread has finished with, saved or reported.
+    settled: AtomicU64,
+    /// Bytes of documents in the queue: added by `submit`, taken off when the thread takes them.
+    queued_bytes: AtomicUsize,
+    /// The thread failed: it reports what it still gets as not saved, and `submit` refuses.
+    failed: AtomicBool,
+    /// The failure has been logged, by whichever side saw it first.
+    failure_logged: AtomicBool,
+}
+
+impl Shared {
+    /// Says once that the persistence thread has failed and nothing is stored any more. The
+    /// thread says it as it fails; the loop says it if the thread vanished without a word.
+    fn log_failure(&self) {
+        if !self.failure_logged.swap(true, Ordering::AcqRel) {
+            error!(
+                "the persistence thread has stopped after a failure: messages are no longer stored, and each sender is told \"{STORAGE_STOPPED}\""
+            );
+        }
+    }
+}
+
 /// The loop's handle on the persistence thread.
 #[derive(Debug)]
 pub struct Persister {
@@ -112,8 +191,9 @@ pub struct Persister {
     thread: JoinHandle<PersistStats>,
     /// Messages taken into the queue (counted on the loop's side).
     accepted: Cell<u64>,
-    /// Messages the persistence thread has finished with, saved or reported.
-    settled: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+    /// The queue's bound in bytes (`--persist-queue-bytes`).
+    max_bytes: usize,
 }
 
 /// What the persistence thread did, reported when it ends.
@@ -123,46 +203,107 @@ pub struct PersistStats {
     pub failed: u64,
 }
 
+/// A batch taken from the queue, shared with the driver's thread while it is being inserted.
+type Batch = Arc<Vec<Record>>;
+
+/// The work of the persistence thread, given the queue, what it shares with the loop, the
+/// batch in hand and the counts. If it panics, what it left in the batch and everything queued
+/// later is reported as not saved.
+type Work = Box<
+    dyn FnOnce(&Receiver<Record>, &Shared, &dyn Reporter, &mut Batch, &mut PersistStats) + Send,
+>;
+
 impl Persister {
     /// Starts the persistence thread. It connects in the background: an unreachable database
     /// is logged, not fatal, and the thread keeps trying with every batch.
     pub fn start(config: StoreConfig, results: impl Reporter) -> std::io::Result<Persister> {
-        let (queue, incoming) = mpsc::sync_channel(config.queue_capacity);
-        let settled = Arc::new(AtomicU64::new(0));
-        let thread_settled = settled.clone();
+        let capacity = config.queue_capacity;
+        let max_bytes = config.queue_bytes;
+        let work: Work = Box::new(move |incoming, shared, results, batch, stats| {
+            run(config, incoming, results, shared, batch, stats)
+        });
+        Persister::spawn(capacity, max_bytes, results, work)
+    }
+
+    /// Starts a thread that runs `work` on the queue, and reports what it leaves unsaved if it
+    /// fails.
+    fn spawn(
+        capacity: usize,
+        max_bytes: usize,
+        results: impl Reporter,
+        work: Work,
+    ) -> std::io::Result<Persister> {
+        let (queue, incoming) = mpsc::sync_channel(capacity);
+        let shared = Arc::new(Shared::default());
+        let thread_shared = shared.clone();
         let thread = thread::Builder::new()
             .name("peerchat-persist".to_string())
-            .spawn(move || run(config, incoming, results, &thread_settled))?;
+            .spawn(move || {
+                let shared = &*thread_shared;
+                let mut batch = Batch::default();
+                let mut stats = PersistStats::default();
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+                    work(&incoming, shared, &results, &mut batch, &mut stats)
+                }));
+                if outcome.is_err() {
+                    // The panic message is already on stderr; this says what it means.
+                    shared.failed.store(true, Ordering::Release);
+                    shared.log_failure();
+                    report_unsaved(&batch, &results, shared, &mut stats);
+                    while let Ok(record) = incoming.recv() {
+                        take_bytes(shared, record.size());
+                        report_unsaved(&[record], &results, shared, &mut stats);
+                    }
+                }
+                stats
+            })?;
         Ok(Persister {
             queue: Some(queue),
             thread,
             accepted: Cell::new(0),
-            settled,
+            shared,
+            max_bytes,
         })
     }
 
-    /// Queues a message without blocking.
+    /// Queues a message without blocking. Refused when the queue is full, by count or by bytes,
+    /// or when storage has stopped.
     pub fn submit(&self, record: Record) -> Result<(), SubmitError> {
-        let Some(queue) = &self.queue else {
-            return Err(SubmitError {
-                content: record.content,
-                reason: "storage stopped",
-            });
+        let refuse = |record: Record, reason| {
+            Err(SubmitError {
+                content: record.content().to_string(),
+                reason,
+            })
         };
-        let sent = queue.try_send(record);
-        if sent.is_ok() {
-            self.accepted.set(self.accepted.get() + 1);
+        let Some(queue) = &self.queue else {
+            return refuse(record, STORAGE_STOPPED);
+        };
+        if self.shared.failed.load(Ordering::Acquire) {
+            self.shared.log_failure();
+            return refuse(record, STORAGE_STOPPED);
         }
-        sent.map_err(|err| match err {
-            TrySendError::Full(record) => SubmitError {
-                content: record.content,
-                reason: "server busy: save queue full",
-            },
-            TrySendError::Disconnected(record) => SubmitError {
-                content: record.content,
-                reason: "storage stopped",
-            },
-        })
+        // Only this thread adds, so the bound holds: the persistence thread only takes off.
+        let size = record.size();
+        let queued = self.shared.queued_bytes.load(Ordering::Acquire);
+        if queued.saturating_add(size) > self.max_bytes {
+            return refuse(record, QUEUE_FULL);
+        }
+        self.shared.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        match queue.try_send(record) {
+            Ok(()) => {
+                self.accepted.set(self.accepted.get() + 1);
+                Ok(())
+            }
+            Err(TrySendError::Full(record)) => {
+                take_bytes(&self.shared, size);
+                refuse(record, QUEUE_FULL)
+            }
+            Err(TrySendError::Disconnected(record)) => {
+                take_bytes(&self.shared, size);
+                self.shared.log_failure();
+                refuse(record, STORAGE_STOPPED)
+            }
+        }
     }
 
     /// Takes no more messages: the thread stores what is queued, reports what it cannot, and
@@ -173,7 +314,12 @@ impl Persister {
 
     /// How many accepted messages the thread has finished with (saved or reported), in order.
     pub fn settled(&self) -> u64 {
-        self.settled.load(Ordering::Acquire)
+        self.shared.settled.load(Ordering::Acquire)
+    }
+
+    /// Bytes of documents waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Acquire)
     }
 
     /// True once the thread has finished with everything it was given (after `close`).
@@ -196,7 +342,7 @@ impl Persister {
             meanwhile();
             thread::sleep(Duration::from_millis(10));
         }
-        let unsettled = self.accepted.get() - self.settled.load(Ordering::Acquire);
+        let unsettled = self.accepted.get() - self.settled();
         if self.thread.is_finished() {
             self.thread.join().map_err(|_| unsettled)
         } else {
@@ -205,74 +351,95 @@ impl Persister {
     }
 }
 
+/// Takes `size` bytes off the queue's count.
+fn take_bytes(shared: &Shared, size: usize) {
+    shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+}
+
 /// The persistence thread: batch, insert (through the watchdog), report, until the queue is
-/// closed and empty.
+/// closed and empty. The batch in hand is in `batch` until it is reported, so that a failure of
+/// this thread cannot lose it.
 fn run(
     config: StoreConfig,
-    incoming: Receiver<Record>,
-    results: impl Reporter,
-    settled: &AtomicU64,
-) -> PersistStats {
+    incoming: &Receiver<Record>,
+    results: &dyn Reporter,
+    shared: &Shared,
+    batch: &mut Batch,
+    stats: &mut PersistStats,
+) {
     let deadline = config.timeout * BATCH_DEADLINE_FACTOR;
-    let mut inserter = match Inserter::start(Store::new(config)) {
-        Ok(inserter) => inserter,
-        Err(err) => {
-            error!("cannot start the database thread: {err}; no message will be stored");
-            return report_all_unsaved(incoming, &results, settled);
-        }
-    };
+    let mut inserter = Inserter::new(config);
     let mut health = Health::default();
-    let mut stats = PersistStats::default();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = incoming.recv() {
-        batch.push(first);
-        batch.extend(incoming.try_iter().take(MAX_BATCH - 1));
-        let documents = batch.iter().map(Record::to_document).collect();
-        let failures = inserter.save(documents, deadline);
+        let mut bytes = first.size();
+        let mut records = vec![first];
+        while records.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let Ok(record) = incoming.try_recv() else {
+                break;
+            };
+            bytes += record.size();
+            records.push(record);
+        }
+        *batch = Arc::new(records);
+        take_bytes(shared, bytes);
+        let failures = inserter.save(batch, deadline);
         health.note(batch.len(), &failures);
-        stats.failed += failures.len() as u64;
-        stats.saved += (batch.len() - failures.len()) as u64;
-        report(&results, &mut batch, failures);
-        settled.fetch_add(batch.len() as u64, Ordering::Release);
-        batch.clear();
+        let count = batch.len();
+        let reports = failure_reports(batch, failures);
+        *batch = Batch::default();
+        stats.failed += reports.len() as u64;
+        stats.saved += (count - reports.len()) as u64;
+        if !reports.is_empty() {
+            results.not_saved(reports);
+        }
+        shared.settled.fetch_add(count as u64, Ordering::Release);
     }
-    stats
 }
 
-/// Sends the failed messages of `batch` back to the loop for their senders.
-fn report(results: &impl Reporter, batch: &mut [Record], failures: Vec<(usize, String)>) {
-    if failures.is_empty() {
+/// Reports every message of `batch` as not saved because storage stopped.
+fn report_unsaved(
+    batch: &[Record],
+    results: &impl Reporter,
+    shared: &Shared,
+    stats: &mut PersistStats,
+) {
+    if batch.is_empty() {
         return;
     }
-    let reports = failures
-        .into_iter()
-        .map(|(index, reason)| SaveFailure {
-            sender: batch[index].sender,
-            content: std::mem::take(&mut batch[index].content),
-            reason,
-        })
-        .collect();
+    let count = batch.len();
+    let failures = (0..count).map(|index| (index, STORAGE_STOPPED.to_string()));
+    let reports = failure_reports(batch, failures.collect());
+    stats.failed += count as u64;
     results.not_saved(reports);
+    shared.settled.fetch_add(count as u64, Ordering::Release);
 }
 
-/// Without a database thread nothing can be stored: say so for every message.
-fn report_all_unsaved(
-    incoming: Receiver<Record>,
-    results: &impl Reporter,
-    settled: &AtomicU64,
-) -> PersistStats {
-    let mut stats = PersistStats::default();
-    while let Ok(record) = incoming.recv() {
-        stats.failed += 1;
-        let mut batch = [record];
-        report(
-            results,
-            &mut batch,
-            vec![(0, "storage stopped".to_string())],
-        );
-        settled.fetch_add(1, Ordering::Release);
-    }
-    stats
+/// The reports for the failed messages of `batch`. The indexes come from the database's
+/// answer, so each is checked: one outside the batch is logged (once) and ignored, and a
+/// message named twice is reported once.
+fn failure_reports(batch: &[Record], mut failures: Vec<(usize, String)>) -> Vec<SaveFailure> {
+    static OUT_OF_RANGE_LOGGED: AtomicBool = AtomicBool::new(false);
+    failures.sort_by_key(|(index, _)| *index);
+    failures.dedup_by_key(|(index, _)| *index);
+    failures
+        .into_iter()
+        .filter_map(|(index, reason)| match batch.get(index) {
+            Some(record) => Some(SaveFailure {
+                sender: record.sender,
+                content: record.content().to_string(),
+                reason,
+            }),
+            None => {
+                if !OUT_OF_RANGE_LOGGED.swap(true, Ordering::Relaxed) {
+                    error!(
+                        "MongoDB named message {index} of a batch of {} as failed ({reason}); ignored (logged once)",
+                        batch.len()
+                    );
+                }
+                None
+            }
+        })
+        .collect()
 }
 
 /// Logs when saving starts failing and when it works again, not once per failed batch.
@@ -300,19 +467,25 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bson::Document;
+
+    fn record(content: &str) -> Record {
+        Record::new(
+            ClientRef { slot: 3, id: 7 },
+            "alice",
+            "127.0.0.1:5000".parse().unwrap(),
+            content,
+            DateTime::from_millis(1_700_000_000_000),
+        )
+    }
 
     #[test]
     fn document_has_the_documented_fields() {
-        let record = Record {
-            id: ObjectId::new(),
-            sender: ClientRef { slot: 0, id: 1 },
-            content: "hi".to_string(),
-            nick: "alice".to_string(),
-            addr: "127.0.0.1:5000".parse().unwrap(),
-            accepted_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
-        };
-        let doc = record.to_document();
-        assert_eq!(doc.get_object_id("_id").unwrap(), record.id);
+        let record = record("hi");
+        let doc = Document::try_from(record.document()).unwrap();
+        let keys: Vec<&str> = doc.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["_id", "content", "ip", "port", "nick", "timestamp"]);
+        assert_eq!(Some(doc.get_object_id("_id").unwrap()), record.id());
         assert_eq!(doc.get_str("content").unwrap(), "hi");
         assert_eq!(doc.get_str("ip").unwrap(), "127.0.0.1");
         assert_eq!(doc.get_i32("port").unwrap(), 5000);
@@ -321,5 +494,106 @@ mod tests {
             doc.get_datetime("timestamp").unwrap().timestamp_millis(),
             1_700_000_000_000
         );
+        assert_eq!(record.content(), "hi");
+        assert_eq!(record.size(), record.document().as_bytes().len());
+        assert_eq!(
+            record.size(),
+            85 + "hi".len() + "127.0.0.1".len() + "alice".len()
+        );
+    }
+
+    /// Write error indexes come from the server: one outside the batch must not panic the
+    /// thread, and the real ones are still reported, once each.
+    #[test]
+    fn failure_indexes_from_the_server_are_checked() {
+        let batch = vec![record("zero"), record("one")];
+        let failures = vec![
+            (7, "database error 2".to_string()),
+            (1, "database error 2".to_string()),
+            (1, "database error 2".to_string()),
+            (usize::MAX, "database error 2".to_string()),
+        ];
+        let reports = failure_reports(&batch, failures);
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!(reports[0].content, "one");
+        assert_eq!(reports[0].sender, ClientRef { slot: 3, id: 7 });
+        assert_eq!(reports[0].reason, "database error 2");
+    }
+
+    /// The persistence thread fails with a message in hand and one queued behind it: both are
+    /// reported `storage stopped`, later messages are refused at once with that reason, and
+    /// nothing is left unsettled.
+    #[test]
+    fn a_failed_persistence_thread_reports_storage_stopped() {
+        let (reports, inbox) = mpsc::sync_channel(16);
+        let (go, wait) = mpsc::channel::<()>();
+        let work: Work = Box::new(move |incoming, shared, _results, batch, _stats| {
+            let record = incoming.recv().unwrap();
+            take_bytes(shared, record.size());
+            *batch = Arc::new(vec![record]);
+            wait.recv().unwrap(); // until the test has queued another message
+            panic!("test: the persistence thread fails");
+        });
+        let persister = Persister::spawn(4, 1 << 20, reports, work).unwrap();
+        persister.submit(record("in hand")).unwrap();
+        persister.submit(record("queued")).unwrap();
+        go.send(()).unwrap();
+        let mut reported = Vec::new();
+        while reported.len() < 2 {
+            let failures = inbox
+                .recv_timeout(Duration::from_secs(10))
+                .expect("reports");
+            reported.extend(failures);
+        }
+        let texts: Vec<(&str, &str)> = reported
+            .iter()
+            .map(|f| (f.content.as_str(), f.reason.as_str()))
+            .collect();
+        assert_eq!(
+            texts,
+            [("in hand", STORAGE_STOPPED), ("queued", STORAGE_STOPPED)]
+        );
+        let refused = persister.submit(record("later")).unwrap_err();
+        assert_eq!(
+            (refused.content.as_str(), refused.reason),
+            ("later", STORAGE_STOPPED)
+        );
+        assert!(persister.shared.failure_logged.load(Ordering::Acquire));
+        assert_eq!(persister.queued_bytes(), 0);
+        let stats = persister
+            .finish(Duration::from_secs(10), || {})
+            .expect("the thread ends once closed");
+        assert_eq!(stats.failed, 2);
+    }
+
+    /// The queue refuses a message that would take it past its byte bound, and takes messages
+    /// again once the thread has taken the queued ones off.
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let (reports, _inbox) = mpsc::sync_channel(16);
+        let (go, wait) = mpsc::channel::<()>();
+        let size = record("x".repeat(100).as_str()).size();
+        let work: Work = Box::new(move |incoming, shared, _results, _batch, _stats| {
+            wait.recv().unwrap();
+            while let Ok(record) = incoming.recv() {
+                take_bytes(shared, record.size());
+                shared.settled.fetch_add(1, Ordering::Release);
+            }
+        });
+        let persister = Persister::spawn(100, 2 * size, reports, work).unwrap();
+        let long = "x".repeat(100);
+        persister.submit(record(&long)).unwrap();
+        persister.submit(record(&long)).unwrap();
+        let refused = persister.submit(record(&long)).unwrap_err();
+        assert_eq!(refused.reason, QUEUE_FULL);
+        assert_eq!(persister.queued_bytes(), 2 * size);
+        go.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while persister.settled() < 2 {
+            assert!(Instant::now() < deadline, "the thread took nothing");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(persister.queued_bytes(), 0);
+        persister.submit(record(&long)).unwrap();
     }
 }

@@ -1,11 +1,14 @@
 //! The database side of persistence: the driver client, the `timestamp` index, inserting a
 //! batch, and turning driver errors into which messages failed and a short reason.
+//!
+//! It uses the driver's async API on a runtime of the worker thread's own (see `watchdog`):
+//! the sync API runs every call on the driver's shared multi-threaded runtime, which cost
+//! several thread wake-ups per batch, more CPU than the batch's own work.
 
-use bson::{doc, Document};
+use bson::{doc, RawDocumentBuf};
 use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
-use mongodb::sync::{Client, Collection};
-use mongodb::IndexModel;
+use mongodb::{Client, Collection, IndexModel};
 
 use crate::config::StoreConfig;
 use crate::{info, warn};
@@ -17,11 +20,13 @@ pub(super) const MAY_STILL_BE_SAVED: &str = "; it may still be saved";
 const DUPLICATE_KEY: i32 = 11000;
 
 /// The database side of persistence: a lazily created driver client and the `timestamp`
-/// index. Its calls block for as long as the driver does; the persistence thread runs them
-/// behind a watchdog. Public so tests and benches can drive it directly.
+/// index. Its calls wait for as long as the driver does; the persistence thread runs them
+/// behind a watchdog. Public so tests and benches can drive it directly (inside a Tokio
+/// runtime that keeps running while the client lives: the driver's monitors run on it).
 pub struct Store {
     config: StoreConfig,
-    collection: Option<Collection<Document>>,
+    /// Inserts the documents exactly as encoded when their messages were accepted.
+    collection: Option<Collection<RawDocumentBuf>>,
     /// The index exists, or could not be made for a reason retrying will not fix.
     index_settled: bool,
 }
@@ -38,14 +43,14 @@ impl Store {
 
     /// Connects and creates the `timestamp` index, logging one line either way. An unreachable
     /// database is a warning, not an error: saving keeps trying with each batch.
-    pub fn prepare(&mut self) {
+    pub async fn prepare(&mut self) {
         let target = format!(
             "{}.{} at {}",
             self.config.database,
             self.config.collection,
             redact_uri(&self.config.uri)
         );
-        match self.settle_index() {
+        match self.settle_index().await {
             Ok(()) => info!("storing messages in {target}"),
             Err(err) => warn!(
                 "MongoDB for {target} is not available ({}); chat runs, messages are reported unsaved until it is",
@@ -54,16 +59,16 @@ impl Store {
         }
     }
 
-    /// Stores a batch. Returns the index of each document that could not be stored, with the
-    /// reason to give its sender.
-    pub fn save(&mut self, documents: &[Document]) -> Vec<(usize, String)> {
-        let mut result = self.insert(documents);
+    /// Stores a batch (of `Record`s, or of documents). Returns the index of each document that
+    /// could not be stored, with the reason to give its sender.
+    pub async fn save(&mut self, documents: &[impl AsRef<RawDocumentBuf>]) -> Vec<(usize, String)> {
+        let mut result = self.insert(documents).await;
         let mut sent_before = false;
         if let Err(err) = &result {
             if is_transient(err) {
                 // Same `_id`s: anything the first attempt stored comes back as a duplicate.
                 sent_before = true;
-                result = self.insert(documents);
+                result = self.insert(documents).await;
             }
         }
         let mut failures = match &result {
@@ -78,32 +83,36 @@ impl Store {
             }
         }
         if failures.is_empty() && !self.index_settled {
-            let _ = self.settle_index();
+            let _ = self.settle_index().await;
         }
         failures
     }
 
-    fn insert(&mut self, documents: &[Document]) -> Result<(), DbError> {
-        let collection = self.collection()?;
-        collection.insert_many(documents).ordered(false).run()?;
+    async fn insert(&mut self, documents: &[impl AsRef<RawDocumentBuf>]) -> Result<(), DbError> {
+        let collection = self.collection().await?;
+        collection
+            .insert_many(documents.iter().map(AsRef::as_ref))
+            .ordered(false)
+            .await?;
         Ok(())
     }
 
     /// The collection, connecting on first use (and again after a failed attempt).
-    fn collection(&mut self) -> Result<&Collection<Document>, DbError> {
+    async fn collection(&mut self) -> Result<&Collection<RawDocumentBuf>, DbError> {
         match &mut self.collection {
             Some(collection) => Ok(collection),
-            empty @ None => Ok(empty.insert(connect(&self.config)?)),
+            empty @ None => Ok(empty.insert(connect(&self.config).await?)),
         }
     }
 
     /// Creates the `timestamp` index. Returns an error only when the database could not be
     /// reached (try again later); any other failure is logged once and not retried.
-    fn settle_index(&mut self) -> Result<(), DbError> {
+    async fn settle_index(&mut self) -> Result<(), DbError> {
         let index = IndexModel::builder().keys(doc! { "timestamp": 1 }).build();
-        let result = self
-            .collection()
-            .and_then(|collection| collection.create_index(index).run().map(drop));
+        let result = match self.collection().await {
+            Ok(collection) => collection.create_index(index).await.map(drop),
+            Err(err) => Err(err),
+        };
         match result {
             Ok(()) => self.index_settled = true,
             Err(err) if is_connectivity(&err) => return Err(err),
@@ -121,8 +130,8 @@ impl Store {
 
 /// A driver client with peerchat's timeouts. Parsing a `mongodb+srv://` URI looks up DNS
 /// records, so this runs on the database thread, never at start-up.
-fn connect(config: &StoreConfig) -> Result<Collection<Document>, DbError> {
-    let mut options = ClientOptions::parse(&config.uri).run()?;
+async fn connect(config: &StoreConfig) -> Result<Collection<RawDocumentBuf>, DbError> {
+    let mut options = ClientOptions::parse(&config.uri).await?;
     options.server_selection_timeout = Some(config.timeout);
     options.connect_timeout = Some(config.timeout);
     options.app_name = Some("peerchat".to_string());

@@ -7,8 +7,6 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use time::OffsetDateTime;
-
 use super::connection::CloseReason;
 use super::presence::Presence;
 use super::room::Room;
@@ -129,14 +127,8 @@ fn store(
     let Some(sender) = room.client_ref(slot) else {
         return;
     };
-    let record = Record {
-        id: bson::oid::ObjectId::new(),
-        sender,
-        content: message.to_string(),
-        nick,
-        addr,
-        accepted_at: OffsetDateTime::now_utc(),
-    };
+    // Encoded once, here: the persistence thread and the driver pass these bytes on as they are.
+    let record = Record::new(sender, &nick, addr, message, bson::DateTime::now());
     if let Err(SubmitError { content, reason }) = persister.submit(record) {
         room.error(slot, &protocol::not_saved(&content, reason));
     }
