@@ -384,7 +384,9 @@ impl Connection {
             if lines_left == 0 {
                 return ReadOutcome::Throttled;
             }
-            match self.socket.read(&mut scratch[HEADROOM..]) {
+            // Never past the budget: the last read of a turn takes only what is left of it.
+            let room = scratch.len().min(HEADROOM + budget - total);
+            match self.socket.read(&mut scratch[HEADROOM..room]) {
                 Ok(0) => return ReadOutcome::Closed(CloseReason::PeerClosed),
                 Ok(n) => {
                     total += n;
