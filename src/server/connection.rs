@@ -258,8 +258,6 @@ impl Connection {
         now: Instant,
     ) -> io::Result<Self> {
         registry.register(&mut socket, token, Interest::READABLE)?;
-        // Chat lines are small and latency matters; output is already coalesced per turn.
-        socket.set_nodelay(true)?;
         Ok(Connection {
             socket,
             token,

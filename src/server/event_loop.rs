@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use socket2::{SockRef, TcpKeepalive};
+use socket2::SockRef;
 
 use super::chat;
 use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
@@ -22,6 +22,7 @@ use super::heap;
 use super::inbox::{Inbox, LoopInput};
 use super::presence::Presence;
 use super::room::Room;
+use super::socket_options::{ClientSocketOptions, INHERITED_FROM_LISTENER};
 use super::timers::{Due, Timers};
 use crate::config::ServerConfig;
 use crate::persist::{ClientRef, Persister};
@@ -41,6 +42,9 @@ const READ_BUDGET: usize = READ_CHUNK;
 /// Connections accepted per turn before the clients already in get their turn: a connection
 /// flood (refused ones included) cannot starve them.
 const ACCEPT_BUDGET: usize = 256;
+/// Writes between two looks at the listener while writing to many clients (see
+/// `flush_pending`).
+const ACCEPT_DURING_FLUSH: usize = 512;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// How soon to try accepting again after an accept error such as running out of descriptors.
@@ -60,9 +64,6 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 /// has to take its last output before the connection is closed anyway: long enough for a
 /// client that reads, short enough that one that does not gives its slot back soon.
 pub const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// TCP keepalive probes sent to a silent peer, `--keepalive / 3` apart, before the kernel
-/// declares it dead (as Redis does): a vanished client is gone within twice `--keepalive`.
-const KEEPALIVE_PROBES: u32 = 3;
 
 /// The state one thread owns while serving.
 pub struct EventLoop {
@@ -74,7 +75,7 @@ pub struct EventLoop {
     presence: Presence,
     timers: Timers,
     max_clients: usize,
-    keepalive: Option<TcpKeepalive>,
+    socket_options: ClientSocketOptions,
     shutdown_timeout: Duration,
     scratch: Vec<u8>,
     batch: InputBatch,
@@ -107,12 +108,9 @@ impl EventLoop {
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let keepalive = config.keepalive.map(|idle| {
-            TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval((idle / KEEPALIVE_PROBES).max(Duration::from_secs(1)))
-                .with_retries(KEEPALIVE_PROBES)
-        });
+        let socket_options = ClientSocketOptions::new(config.keepalive);
+        // Accepted sockets inherit these where the system allows (see `socket_options`).
+        socket_options.apply(SockRef::from(&listener))?;
         Ok(EventLoop {
             poll,
             listener,
@@ -122,7 +120,7 @@ impl EventLoop {
             presence: Presence::new(config.presence_interval),
             timers: Timers::default(),
             max_clients: config.max_clients,
-            keepalive,
+            socket_options,
             shutdown_timeout: config.shutdown_timeout,
             scratch: vec![0; HEADROOM + READ_CHUNK],
             batch: InputBatch::default(),
@@ -181,7 +179,7 @@ impl EventLoop {
     /// How long the next poll may wait: not at all with reads or accepts left over, else until
     /// the next timer, gathered notice, accept retry or idle sweep.
     fn poll_timeout(&self) -> Duration {
-        if !self.read_again.is_empty() || self.accept_again {
+        if !self.read_again.is_empty() || self.accept_again || self.room.has_output_to_flush() {
             return Duration::ZERO;
         }
         let now = Instant::now();
@@ -273,10 +271,9 @@ impl EventLoop {
         if std::mem::take(&mut self.refusing) {
             info!("below --max-clients again: accepting new clients");
         }
-        if let Some(keepalive) = &self.keepalive {
-            if let Err(err) = SockRef::from(&socket).set_tcp_keepalive(keepalive) {
-                warn!("could not set up client {addr}: keepalive: {err}");
-                return;
+        if !INHERITED_FROM_LISTENER {
+            if let Err(err) = self.socket_options.apply(SockRef::from(&socket)) {
+                return warn!("could not set up client {addr}: {err}");
             }
         }
         match self.room.add(socket, addr, self.poll.registry(), self.now) {
@@ -446,15 +443,28 @@ impl EventLoop {
     }
 
     /// Writes each connection that got output this turn: one write per connection per turn,
-    /// however many lines it received.
+    /// however many lines it received. A line to a crowd makes this long (10 000 writes take
+    /// about 100 ms), and connections arriving meanwhile would overflow the listen backlog in a
+    /// reconnect storm and wait a second for the kernel's retry; so every `ACCEPT_DURING_FLUSH`
+    /// writes it accepts what is waiting, and writes those clients' welcomes in a second pass.
     fn flush_pending(&mut self) {
-        let mut list = std::mem::take(&mut self.flush_list);
-        self.room.take_flush_list(&mut list);
-        for &slot in &list {
-            self.flush_one(slot);
+        for pass in 0..2 {
+            let mut list = std::mem::take(&mut self.flush_list);
+            self.room.take_flush_list(&mut list);
+            for (written, &slot) in list.iter().enumerate() {
+                let accept_now = written > 0 && written % ACCEPT_DURING_FLUSH == 0;
+                if pass == 0 && accept_now && self.running {
+                    self.accept_all();
+                }
+                self.flush_one(slot);
+            }
+            let done = list.is_empty();
+            list.clear();
+            self.flush_list = list;
+            if done {
+                return;
+            }
         }
-        list.clear();
-        self.flush_list = list;
     }
 
     fn flush_one(&mut self, slot: usize) {

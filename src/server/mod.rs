@@ -12,6 +12,7 @@ mod heap;
 pub mod inbox;
 mod presence;
 mod room;
+mod socket_options;
 mod timers;
 
 use std::net::{SocketAddr, ToSocketAddrs};

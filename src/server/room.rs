@@ -221,6 +221,11 @@ impl Room {
         !self.to_reap.is_empty()
     }
 
+    /// True if output was queued since the last `take_flush_list`.
+    pub fn has_output_to_flush(&self) -> bool {
+        !self.to_flush.is_empty() || self.chat_from.is_some()
+    }
+
     /// Hands over the slots that have output queued, clearing their scheduled flag.
     pub fn take_flush_list(&mut self, into: &mut Vec<usize>) {
         self.send_gathered_chat();
