@@ -42,9 +42,11 @@ const READ_BUDGET: usize = READ_CHUNK;
 /// Connections accepted per turn before the clients already in get their turn: a connection
 /// flood (refused ones included) cannot starve them.
 const ACCEPT_BUDGET: usize = 256;
-/// Writes between two looks at the listener while writing to many clients (see
-/// `flush_pending`).
-const ACCEPT_DURING_FLUSH: usize = 512;
+/// Clients read or written between two looks at the listener during a long pass over many of
+/// them. A line to a crowd makes a turn long (10 000 writes take about 100 ms); connections
+/// arriving meanwhile in a reconnect storm would overflow the listen backlog and wait a second
+/// for the kernel's SYN retry.
+const ACCEPT_BETWEEN: usize = 512;
 /// Readiness events taken per poll.
 const EVENTS_CAPACITY: usize = 1024;
 /// How soon to try accepting again after an accept error such as running out of descriptors.
@@ -344,7 +346,8 @@ impl EventLoop {
     fn read_queued(&mut self) {
         let mut list = std::mem::take(&mut self.to_read);
         list.append(&mut self.read_again);
-        for &client in &list {
+        for (read, &client) in list.iter().enumerate() {
+            self.accept_between(read);
             if let Some(conn) = self.room.find_mut(client) {
                 conn.read_queued = false;
                 self.read_from(client.slot);
@@ -444,17 +447,15 @@ impl EventLoop {
 
     /// Writes each connection that got output this turn: one write per connection per turn,
     /// however many lines it received. A line to a crowd makes this long (10 000 writes take
-    /// about 100 ms), and connections arriving meanwhile would overflow the listen backlog in a
-    /// reconnect storm and wait a second for the kernel's retry; so every `ACCEPT_DURING_FLUSH`
-    /// writes it accepts what is waiting, and writes those clients' welcomes in a second pass.
+    /// about 100 ms), so it accepts what is waiting as it goes (`accept_between`), and writes
+    /// those clients' welcomes in a second pass.
     fn flush_pending(&mut self) {
         for pass in 0..2 {
             let mut list = std::mem::take(&mut self.flush_list);
             self.room.take_flush_list(&mut list);
             for (written, &slot) in list.iter().enumerate() {
-                let accept_now = written > 0 && written % ACCEPT_DURING_FLUSH == 0;
-                if pass == 0 && accept_now && self.running {
-                    self.accept_all();
+                if pass == 0 {
+                    self.accept_between(written);
                 }
                 self.flush_one(slot);
             }
@@ -464,6 +465,14 @@ impl EventLoop {
             if done {
                 return;
             }
+        }
+    }
+
+    /// Accepts what is waiting every `ACCEPT_BETWEEN` clients handled in a long pass over
+    /// many of them, so a reconnect storm does not overflow the listen backlog meanwhile.
+    fn accept_between(&mut self, handled: usize) {
+        if handled > 0 && handled % ACCEPT_BETWEEN == 0 && self.running {
+            self.accept_all();
         }
     }
 
