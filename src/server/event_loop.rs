@@ -41,7 +41,7 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_BUDGET: usize = READ_CHUNK;
 /// Connections accepted per turn before the clients already in get their turn: a connection
 /// flood (refused ones included) cannot starve them.
-const ACCEPT_BUDGET: usize = 256;
+const ACCEPT_BUDGET: usize = 1024;
 /// Clients read or written between two looks at the listener during a long pass over many of
 /// them. A line to a crowd makes a turn long (10 000 writes take about 100 ms); connections
 /// arriving meanwhile in a reconnect storm would overflow the listen backlog and wait a second
@@ -471,7 +471,7 @@ impl EventLoop {
     /// Accepts what is waiting every `ACCEPT_BETWEEN` clients handled in a long pass over
     /// many of them, so a reconnect storm does not overflow the listen backlog meanwhile.
     fn accept_between(&mut self, handled: usize) {
-        if handled > 0 && handled % ACCEPT_BETWEEN == 0 && self.running {
+        if handled > 0 && handled.is_multiple_of(ACCEPT_BETWEEN) && self.running {
             self.accept_all();
         }
     }
