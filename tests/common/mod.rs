@@ -163,13 +163,6 @@ impl Chat {
         }
     }
 
-    /// Asserts that nothing arrives for `wait`.
-    pub fn expect_silence(&mut self, wait: Duration) {
-        if let Some(line) = self.try_line(wait) {
-            panic!("{}: expected nothing, got {line:?}", self.name);
-        }
-    }
-
     /// Closes the sending half: the server sees end of input, the client can still read.
     pub fn shutdown_write(&self) {
         self.writer
