@@ -325,7 +325,13 @@ pub fn parse_server_args(
         0.0,
         3600.0,
     )?;
-    let keepalive_secs = bounded(&mut args, "--keepalive", DEFAULT_KEEPALIVE_SECS, 0, 86_400)?;
+    if !presence_secs.is_finite() {
+        return Err(ArgError(
+            "--presence-interval: not a number of seconds".to_string(),
+        ));
+    }
+    // Linux takes at most 32 767 s as the idle time (TCP_KEEPIDLE).
+    let keepalive_secs = bounded(&mut args, "--keepalive", DEFAULT_KEEPALIVE_SECS, 0, 32_767)?;
     let log_level = optional(&mut args, "--log-level")?.unwrap_or(Level::Info);
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
@@ -356,6 +362,14 @@ pub fn parse_server_args(
     if max_output < max_line.saturating_mul(2) {
         return Err(ArgError(format!(
             "--max-output: must be at least twice --max-line ({max_line})"
+        )));
+    }
+    // A message's document is its text plus a few hundred bytes of fields: a bound below one
+    // longest message would refuse such messages for good.
+    let longest_document = max_line as u64 + 1024;
+    if !no_persist && queue_bytes < longest_document {
+        return Err(ArgError(format!(
+            "--persist-queue-bytes: must hold at least one longest message ({longest_document} with --max-line {max_line})"
         )));
     }
     let store = if no_persist {
@@ -614,6 +628,10 @@ mod tests {
         assert!(err.0.starts_with("--log-level"), "{err}");
         let err = server(&["--backlog", "0"], None).unwrap_err();
         assert!(err.0.starts_with("--backlog"), "{err}");
+        let err = server(&["--presence-interval", "NaN"], None).unwrap_err();
+        assert!(err.0.starts_with("--presence-interval"), "{err}");
+        let err = server(&["--keepalive", "40000"], None).unwrap_err();
+        assert!(err.0.starts_with("--keepalive"), "{err}");
     }
 
     #[test]

@@ -217,11 +217,10 @@ pub fn left(name: &str) -> String {
     format!("{name} left")
 }
 
-/// Notice for several joins or leaves at once (`verb` is `joined` or `left`): up to `shown`
-/// names, then a count: `alice, bob and carol joined`, `a, b, c, d, e and 37 others left`.
-pub fn presence(names: &[&str], shown: usize, verb: &str) -> String {
-    let listed = &names[..names.len().min(shown)];
-    let others = names.len() - listed.len();
+/// Notice for several joins or leaves at once (`verb` is `joined` or `left`): the names listed,
+/// then how many `others` there are: `alice, bob and carol joined`, `a, b, c, d, e and 37
+/// others left`.
+pub fn presence(listed: &[&str], others: usize, verb: &str) -> String {
     let who = match (listed, others) {
         ([], _) => String::new(),
         ([one], 0) => (*one).to_string(),
@@ -386,14 +385,14 @@ mod tests {
     #[test]
     fn presence_lists_up_to_five_names_then_counts() {
         let names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"];
-        let line = |n: usize| presence(&names[..n], 5, "joined");
+        let line = |n: usize| presence(&names[..n.min(5)], n.saturating_sub(5), "joined");
         assert_eq!(line(1), "alice joined");
         assert_eq!(line(2), "alice and bob joined");
         assert_eq!(line(3), "alice, bob and carol joined");
         assert_eq!(line(5), "alice, bob, carol, dave and erin joined");
         assert_eq!(line(6), "alice, bob, carol, dave, erin and 1 other joined");
         assert_eq!(line(7), "alice, bob, carol, dave, erin and 2 others joined");
-        assert_eq!(presence(&names[..2], 5, "left"), "alice and bob left");
+        assert_eq!(presence(&names[..2], 0, "left"), "alice and bob left");
     }
 
     #[test]

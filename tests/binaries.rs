@@ -95,6 +95,14 @@ fn the_backlog_is_set_and_capped_by_the_system() {
     assert!(server
         .listening
         .ends_with(&format!("listening on {addr} (backlog 64)")));
+    // The kernel's own view: for a listening socket, `ss` shows the backlog as Send-Q.
+    let ss = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("run ss (iproute2) to read the listen backlog");
+    let listing = text(&ss.stdout);
+    let send_q = listing.split_whitespace().nth(2);
+    assert_eq!(send_q, Some("64"), "ss: {listing}");
     let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .expect("read somaxconn")
         .trim()

@@ -213,8 +213,6 @@ fn control_bytes_and_invalid_utf8_do_not_reach_other_terminals() {
     assert!(bob.sync().is_empty(), "an empty line was delivered");
 }
 
-/// Negotiation commands a real telnet client sends (here split across two writes) are removed
-/// before the line is read, not passed on to others.
 /// Look-alike letters from other scripts cannot make a second `alice`, and bidirectional
 /// controls cannot make a line display as something other than what was sent.
 #[test]
@@ -236,6 +234,8 @@ fn look_alike_nicks_and_bidi_controls_are_refused() {
     );
 }
 
+/// Negotiation commands a real telnet client sends (here split across two writes) are removed
+/// before the line is read, not passed on to others.
 #[test]
 fn telnet_commands_are_removed() {
     let server = start_chat_only();

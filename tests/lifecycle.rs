@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
@@ -87,15 +87,53 @@ fn a_gathered_join_is_announced_before_the_joiner_speaks_or_leaves() {
     assert_eq!(alice.line(), format!("* {} joined", first.name));
 
     let mut bob = Chat::connect(server.addr);
+    let dave = Chat::connect(server.addr);
     bob.send("hello");
     assert_eq!(alice.line(), format!("* {} joined", bob.name));
     assert_eq!(alice.line(), format!("<{}> hello", bob.name));
+    bob.send("/nick bob");
+    assert_eq!(alice.line(), format!("* {} is now bob", bob.name));
+    assert_eq!(
+        alice.sync(),
+        Vec::<String>::new(),
+        "dave's join still waits"
+    );
 
     let carol = Chat::connect(server.addr);
     let carol_name = carol.name.clone();
     drop(carol);
     assert_eq!(alice.line(), format!("* {carol_name} joined"));
     assert_eq!(alice.line(), format!("* {carol_name} left"));
+    drop(dave);
+}
+
+/// A leave still waiting to be announced goes out before its name is taken again, so the room
+/// never hears `* bob left` after the new bob has spoken.
+#[test]
+fn a_waiting_leave_goes_out_before_its_name_is_taken_again() {
+    let server = start_server(config_with(|c| {
+        c.presence_interval = Duration::from_secs(60)
+    }));
+    let mut watcher = Chat::named(server.addr, "watcher");
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = Chat::named(server.addr, "bob");
+    watcher.sync();
+    alice.send("/quit");
+    alice.read_to_end();
+    assert_eq!(watcher.line(), "* alice left");
+    bob.send("/quit"); // within the interval: waits
+    bob.read_to_end();
+    let mut again = Chat::connect(server.addr);
+    again.send("/nick bob");
+    again.send("I am back");
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|line| line != "<bob> I am back") {
+        seen.push(watcher.line());
+    }
+    let at = |line: &str| seen.iter().position(|l| l == line);
+    let left = at("* bob left").expect("bob's leave");
+    let spoke = at("<bob> I am back").expect("the new bob");
+    assert!(left < spoke, "{seen:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,6 +199,20 @@ fn a_flooder_is_told_once_per_burst_and_its_quit_comes_in_turn() {
     assert_eq!(last[1], "* bye");
 }
 
+/// Blank lines cost nothing: many of them, or a paste with blank lines between its lines,
+/// never make a client look like a flooder.
+#[test]
+fn blank_lines_are_free_and_never_slow_a_client_down() {
+    let server = start_server(ServerConfig::local(None)); // 20 lines/s, bursts of 40
+    let (mut alice, mut bob) = alice_and_bob(server.addr);
+    let paste: String = (0..30).map(|n| format!("line {n}\n\n  \n")).collect();
+    alice.send_bytes(format!("{}{paste}", "\n".repeat(400)).as_bytes());
+    for n in 0..30 {
+        assert_eq!(bob.line(), format!("<alice> line {n}"));
+    }
+    assert_eq!(alice.sync(), Vec::<String>::new(), "no slow-down notice");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fairness
 
@@ -176,8 +228,14 @@ fn a_flooding_client_does_not_hold_up_another_clients_lines() {
     flooder.sync();
     talker.sync();
     listener.sync();
+    // The talker reads everything too, so it is never cut off as a slow consumer.
+    let mut talker_in = talker.into_stream();
+    let talker_out = talker_in.try_clone().unwrap();
+    let talker_name = format!("{}", talker_out.local_addr().unwrap());
+    thread::spawn(move || std::io::copy(&mut talker_in, &mut std::io::sink()));
+    let mut talker = talker_out;
     let flood_line = format!("<{}> {}", flooder.name, "f".repeat(200));
-    let talker_prefix = format!("<{}> ", talker.name);
+    let talker_prefix = format!("<{talker_name}> ");
     let (seen_tx, seen_rx) = mpsc::channel();
     let reader = thread::spawn(move || {
         let (mut flood_seen, mut talk_seen) = (0, Vec::new());
@@ -199,7 +257,9 @@ fn a_flooding_client_does_not_hold_up_another_clients_lines() {
     });
     let mut sent = 0;
     while sent < 20 {
-        talker.send(&format!("talk {sent}"));
+        talker
+            .write_all(format!("talk {sent}\n").as_bytes())
+            .expect("talker sends");
         sent += 1;
         if seen_rx.recv_timeout(DEADLINE).is_err() {
             break; // the reader ended: the flood is over
@@ -348,6 +408,41 @@ fn settled_timer(server: SocketAddr, client: SocketAddr) -> String {
     }
 }
 
+/// The server's socket for `client`: the test runs the server in its own process, so the
+/// descriptor is one of ours. Returns its `TCP_USER_TIMEOUT` in milliseconds.
+fn server_side_user_timeout(client: SocketAddr) -> u32 {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    for entry in std::fs::read_dir("/proc/self/fd").expect("list descriptors") {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is open in this process for the duration of the call; a
+        // descriptor that is not a socket just fails `peer_addr`.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let peer = socket.peer_addr().ok().and_then(|addr| addr.as_socket());
+        if peer == Some(client)
+            && socket.local_addr().ok().and_then(|a| a.as_socket()) != Some(client)
+        {
+            let mut value: u32 = 0;
+            let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `value`.
+            let status = unsafe {
+                libc::getsockopt(
+                    borrowed.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_USER_TIMEOUT,
+                    (&mut value as *mut u32).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(status, 0, "getsockopt TCP_USER_TIMEOUT");
+            return value;
+        }
+    }
+    panic!("no server socket for {client}");
+}
+
 /// Accepted sockets carry TCP keepalive with `--keepalive` as the idle time, so a client whose
 /// host vanished without a FIN is found and removed; `--keepalive 0` turns it off.
 #[test]
@@ -360,6 +455,9 @@ fn accepted_sockets_carry_tcp_keepalive() {
     let left = u64::from_str_radix(left, 16).unwrap();
     assert_eq!(kind, "02", "keepalive timer armed: {timer}");
     assert!((4000..=4500).contains(&left), "45 s idle time: {timer}");
+    // Probes only go out on an idle connection; with output in flight to a vanished host the
+    // connection ends after as long as keepalive would take: 45 s + 3 × 15 s.
+    assert_eq!(server_side_user_timeout(chat.local_addr()), 90_000);
 
     let server = start_server(config_with(|c| c.keepalive = None));
     let mut chat = Chat::connect(server.addr);

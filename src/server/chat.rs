@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::connection::CloseReason;
 use super::presence::Presence;
 use super::room::Room;
-use crate::persist::{Persister, Record, SaveFailure, SubmitError};
+use crate::persist::{ClientRef, Persister, Record, SaveFailure, SubmitError};
 use crate::protocol::{self, Command};
 
 /// Greets a new client and tells the others (see `presence` for when).
@@ -43,12 +43,16 @@ pub fn line(
         conn.spend_flood_token();
     }
     // Others hear of a client's join before they hear anything from it.
+    let client = ClientRef {
+        slot,
+        id: conn.id(),
+    };
     if matches!(command, Command::Chat(_) | Command::Nick(_)) && !conn.announced {
-        presence.announce_joins(room, now);
+        presence.announce_join_of(room, client, now);
     }
     match command {
         Command::Chat(message) => chat(room, persister, slot, message),
-        Command::Nick(name) => nick(room, slot, name),
+        Command::Nick(name) => nick(room, presence, client, name, now),
         Command::Who => {
             let who = protocol::who(room.names());
             room.notice(slot, &who);
@@ -134,7 +138,9 @@ fn store(
     }
 }
 
-fn nick(room: &mut Room, slot: usize, name: &str) {
+/// Renames the client; everyone is told (its join, if it was still waiting, went out first).
+fn nick(room: &mut Room, presence: &mut Presence, client: ClientRef, name: &str, now: Instant) {
+    let slot = client.slot;
     if protocol::validate_nick(name).is_err() {
         return room.error(slot, &protocol::invalid_nick());
     }
@@ -148,5 +154,6 @@ fn nick(room: &mut Room, slot: usize, name: &str) {
         return;
     }
     let old = std::mem::replace(&mut conn.name, name.to_string());
+    presence.before_name_taken(room, name, now);
     room.notice_all(None, &protocol::renamed(&old, name));
 }

@@ -405,14 +405,18 @@ impl Connection {
     }
 
     /// Frames lines from `input` into `batch` while `lines_left` allows; what is not framed
-    /// stays in `input`.
+    /// stays in `input`. Blank lines do nothing and cost no flood token, so they do not count.
     fn frame(&mut self, input: &mut &[u8], batch: &mut InputBatch, lines_left: &mut usize) {
         while *lines_left > 0 {
             let Some(frame) = self.framer.next_frame(input) else {
                 return;
             };
+            let blank =
+                matches!(frame, Frame::Line(line) if line.iter().all(u8::is_ascii_whitespace));
             batch.push(frame);
-            *lines_left -= 1;
+            if !blank {
+                *lines_left -= 1;
+            }
         }
     }
 

@@ -421,7 +421,9 @@ impl EventLoop {
             return;
         }
         let resume_at = conn.flood_resume_at(limit).unwrap_or(self.now);
-        let waiting = conn.has_held_input();
+        // Only a client that has used its tokens is being slowed down (a `/quit` is framed
+        // against the allowance but costs nothing).
+        let waiting = conn.has_held_input() && conn.line_allowance(Some(limit), self.now) == 0;
         conn.throttled = true;
         self.timers.add(resume_at, Due::Resume(client));
         if waiting {
@@ -508,9 +510,10 @@ impl EventLoop {
                 continue;
             }
             let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
-            let (name, announced, id) = (conn.name.clone(), conn.announced, conn.id());
+            let (name, id) = (conn.name.clone(), conn.id());
             let blocked = reason.flushes_first() && conn.flush() == FlushOutcome::Blocked;
-            if blocked && self.running && conn.set_wants_writable(registry, true).is_ok() {
+            // Also while stopping: `drain_before_exit` writes closing clients' output too.
+            if blocked && conn.set_wants_writable(registry, true).is_ok() {
                 conn.draining = true;
                 let client = ClientRef { slot, id };
                 self.timers
@@ -520,8 +523,8 @@ impl EventLoop {
                 self.finish_close(slot, flushed);
             }
             if self.running {
-                self.presence
-                    .left(&mut self.room, &name, announced, self.now);
+                let client = ClientRef { slot, id };
+                self.presence.left(&mut self.room, client, &name, self.now);
             }
         }
     }

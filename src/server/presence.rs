@@ -11,9 +11,11 @@
 //! mark" and each recipient's part of a gathered list is a suffix of it: the few distinct lines
 //! are built once each.
 //!
-//! Order stays causal: the gathered joins are sent early when a client whose join is still
-//! waiting speaks, renames or leaves, so nobody sees `<bob> hi` or `* bob left` before
-//! `* bob joined`.
+//! Order stays causal without giving up the gathering: a client whose join is still waiting
+//! that speaks, renames itself or leaves has its own join announced first (the other waiting
+//! joins keep waiting), so nobody sees `<bob> hi`, `* bob is now robert` or `* bob left` before
+//! `* bob joined`. And before a name that is waiting in a gathered leave is taken again, the
+//! leaves go out, so `* bob left` never comes after the new bob has spoken.
 
 use std::time::{Duration, Instant};
 
@@ -98,12 +100,10 @@ impl Presence {
         });
     }
 
-    /// Tells the others that `name` left. `announced` says whether its join went out: if it
-    /// is still waiting, the gathered joins go first.
-    pub fn left(&mut self, room: &mut Room, name: &str, announced: bool, now: Instant) {
-        if !announced {
-            self.announce_joins(room, now);
-        }
+    /// Tells the others that `client`, called `name`, left. If its join is still waiting, that
+    /// join goes out first.
+    pub fn left(&mut self, room: &mut Room, client: ClientRef, name: &str, now: Instant) {
+        self.announce_join_of(room, client, now);
         if self.leaves.may_announce_at_once(now, self.interval) {
             if room.notice_all(None, &protocol::left(name)) > 0 {
                 self.leaves.last_sent = Some(now);
@@ -117,9 +117,50 @@ impl Presence {
         });
     }
 
-    /// Sends the gathered joins now, before a line from a client whose join is among them.
-    pub fn announce_joins(&mut self, room: &mut Room, now: Instant) {
+    /// Announces `client`'s join now if it is still waiting (before a line from it), to those
+    /// who were connected before it; the other waiting joins keep waiting.
+    pub fn announce_join_of(&mut self, room: &mut Room, client: ClientRef, now: Instant) {
+        let Some(at) = self
+            .joins
+            .waiting
+            .iter()
+            .position(|event| event.joiner == Some(client))
+        else {
+            return;
+        };
+        let event = self.joins.waiting.remove(at);
+        let line = protocol::joined(&event.name);
+        let mut reached = 0;
+        for other in room.open_clients() {
+            if other.id < event.heard_below {
+                room.notice(other.slot, &line);
+                reached += 1;
+            }
+        }
+        if let Some(conn) = room.find_mut(client) {
+            conn.announced = true;
+        }
+        if reached > 0 {
+            self.joins.last_sent = Some(now);
+        }
+    }
+
+    /// Sends the gathered leaves now if `name` is among them, before someone takes that name:
+    /// otherwise `* bob left` would come after the new bob's first words.
+    pub fn before_name_taken(&mut self, room: &mut Room, name: &str, now: Instant) {
+        let waiting = self.leaves.waiting.iter();
+        if waiting
+            .into_iter()
+            .any(|e| e.name.eq_ignore_ascii_case(name))
+        {
+            self.announce_all_waiting(room, now);
+        }
+    }
+
+    /// Sends the waiting joins, then the waiting leaves, whatever their interval says.
+    fn announce_all_waiting(&mut self, room: &mut Room, now: Instant) {
         self.joins.announce(room, now);
+        self.leaves.announce(room, now);
     }
 
     /// Sends the gathered lines whose interval has ended; joins first.
@@ -202,8 +243,13 @@ impl Gathering {
 }
 
 /// `alice joined`, `alice and bob joined`, `alice, bob and carol joined` (up to five names),
-/// `alice, bob, carol, dave, erin and 37 others joined` (`and 1 other`).
+/// `alice, bob, carol, dave, erin and 37 others joined` (`and 1 other`). Only the names shown
+/// are collected: in a storm each newcomer's share is a different long suffix.
 fn gathered_line(events: &[Event], kind: Kind) -> String {
-    let names: Vec<&str> = events.iter().map(|event| event.name.as_str()).collect();
-    protocol::presence(&names, NAMES_SHOWN, kind.verb())
+    let names: Vec<&str> = events
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|event| event.name.as_str())
+        .collect();
+    protocol::presence(&names, events.len() - names.len(), kind.verb())
 }
