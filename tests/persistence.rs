@@ -188,25 +188,12 @@ fn chat_goes_on_while_the_database_is_down_and_saving_resumes_after() {
     );
 
     db.restart(); // an empty in-memory database on the same port
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    loop {
-        alice.send(&format!("after the outage {n}"));
-        n += 1;
-        std::thread::sleep(Duration::from_millis(300));
-        if !db.stored().is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "saving did not resume after the database returned"
-        );
-    }
-    let stored = db.wait_for_stored(1);
-    assert!(stored[0]
-        .get_str("content")
-        .unwrap()
-        .starts_with("after the outage"));
+    send_until_one_is_stored(
+        &mut alice,
+        &db,
+        "after the outage",
+        "saving did not resume after the database returned",
+    );
 }
 
 /// The driver cannot time out a call on an open connection to a server that never answers;
@@ -241,21 +228,12 @@ fn a_hung_database_is_reported_and_saving_resumes_when_it_answers_again() {
     assert_eq!(alice.line(), "<bob> chat still flows");
 
     db.thaw();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while !db
-        .stored()
-        .iter()
-        .any(|d| d.get_str("content").is_ok_and(|c| c.starts_with("awake")))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "saving did not resume after the database woke up"
-        );
-        alice.send(&format!("awake {n}"));
-        n += 1;
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    send_until_one_is_stored(
+        &mut alice,
+        &db,
+        "awake",
+        "saving did not resume after the database woke up",
+    );
     drop(db); // kill before the server's shutdown waits on it
 }
 
@@ -289,21 +267,12 @@ fn a_hung_connection_is_left_behind_and_saving_resumes_with_a_new_client() {
     );
 
     proxy.heal();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while !db
-        .stored()
-        .iter()
-        .any(|d| d.get_str("content").is_ok_and(|c| c.starts_with("healed")))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "saving did not resume on new connections"
-        );
-        alice.send(&format!("healed {n}"));
-        n += 1;
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    send_until_one_is_stored(
+        &mut alice,
+        &db,
+        "healed",
+        "saving did not resume on new connections",
+    );
     assert!(
         proxy.hung_connections() >= 1,
         "the hung connection must still be open: the driver did not unstick itself"
@@ -488,17 +457,12 @@ fn the_server_starts_without_a_database_and_saves_once_it_appears() {
     assert!(error.contains("(database unreachable)"), "{error}");
 
     db.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    while db.stored().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "saving did not start when the database appeared"
-        );
-        alice.send(&format!("stored at last {n}"));
-        n += 1;
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    send_until_one_is_stored(
+        &mut alice,
+        &db,
+        "stored at last",
+        "saving did not start when the database appeared",
+    );
 }
 
 #[test]
@@ -567,4 +531,23 @@ fn record(n: usize) -> Record {
         &format!("message {n}"),
         bson::DateTime::now(),
     )
+}
+
+/// Sends `PREFIX 0`, `PREFIX 1`, … every 300 ms until one of them is stored, failing with
+/// `failure` after 30 s: while saving has not resumed each message is reported instead, so a
+/// new one is needed until one gets through.
+fn send_until_one_is_stored(sender: &mut Chat, db: &TestDb, prefix: &str, failure: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        let stored = db.stored();
+        if stored.iter().any(|doc| {
+            doc.get_str("content")
+                .is_ok_and(|text| text.starts_with(prefix))
+        }) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{failure}");
+        sender.send(&format!("{prefix} {n}"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
