@@ -129,20 +129,7 @@ impl Presence {
             return;
         };
         let event = self.joins.waiting.remove(at);
-        let line = protocol::joined(&event.name);
-        let mut reached = 0;
-        for other in room.open_clients() {
-            if other.id < event.heard_below {
-                room.notice(other.slot, &line);
-                reached += 1;
-            }
-        }
-        if let Some(conn) = room.find_mut(client) {
-            conn.announced = true;
-        }
-        if reached > 0 {
-            self.joins.last_sent = Some(now);
-        }
+        self.joins.send(room, &[event], now);
     }
 
     /// Sends the gathered leaves now if `name` is among them, before someone takes that name:
@@ -153,14 +140,10 @@ impl Presence {
             .into_iter()
             .any(|e| e.name.eq_ignore_ascii_case(name))
         {
-            self.announce_all_waiting(room, now);
+            // Joins first, as always: some of the leavers may have joined in the same interval.
+            self.joins.announce(room, now);
+            self.leaves.announce(room, now);
         }
-    }
-
-    /// Sends the waiting joins, then the waiting leaves, whatever their interval says.
-    fn announce_all_waiting(&mut self, room: &mut Room, now: Instant) {
-        self.joins.announce(room, now);
-        self.leaves.announce(room, now);
     }
 
     /// Sends the gathered lines whose interval has ended; joins first.
@@ -209,18 +192,24 @@ impl Gathering {
         self.last_sent.map(|sent| sent + interval)
     }
 
-    /// Sends each open client its share of the waiting events as one line.
+    /// Sends the waiting events, each open client its share as one line.
     fn announce(&mut self, room: &mut Room, now: Instant) {
         let waiting = std::mem::take(&mut self.waiting);
-        if waiting.is_empty() {
+        self.send(room, &waiting, now);
+    }
+
+    /// Sends each open client its share of `events` (oldest first) as one line, and marks the
+    /// joiners among them announced.
+    fn send(&mut self, room: &mut Room, events: &[Event], now: Instant) {
+        if events.is_empty() {
             return;
         }
         // Most recipients were there before all of it and share the whole list's line.
-        let whole = gathered_line(&waiting, self.kind);
+        let whole = gathered_line(events, self.kind);
         let mut reached = 0;
         for client in room.open_clients() {
-            let first = waiting.partition_point(|event| event.heard_below <= client.id);
-            let share = &waiting[first..];
+            let first = events.partition_point(|event| event.heard_below <= client.id);
+            let share = &events[first..];
             if share.is_empty() {
                 continue;
             }
@@ -231,7 +220,7 @@ impl Gathering {
             }
             reached += 1;
         }
-        for joiner in waiting.iter().filter_map(|event| event.joiner) {
+        for joiner in events.iter().filter_map(|event| event.joiner) {
             if let Some(conn) = room.get_mut(joiner.slot).filter(|c| c.id() == joiner.id) {
                 conn.announced = true;
             }
