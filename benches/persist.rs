@@ -43,7 +43,7 @@ use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::sync::Collection;
 use mongodb::IndexModel;
 use peerchat::config::{DEFAULT_MONGO_COLLECTION, DEFAULT_PERSIST_QUEUE};
-use peerchat::persist::{self, ClientRef, PersistStats, Persister, Record, SaveFailure, MAX_BATCH};
+use peerchat::persist::{self, ClientRef, PersistStats, Persister, Record, Report, MAX_BATCH};
 use peerchat::StoreConfig;
 
 use support::db::{call, TestDatabase};
@@ -477,7 +477,7 @@ fn latency_at_steady_rate(bench: &Bench, batched_per_s: f64) {
 /// the thread reports to, and reads what is reported there.
 struct Rig {
     persister: Persister,
-    inbox: Receiver<Vec<SaveFailure>>,
+    inbox: Receiver<Report>,
     /// Messages the queue took.
     submitted: u64,
     /// Reasons given for messages reported not saved. There should be none.
@@ -572,9 +572,12 @@ impl Rig {
     }
 }
 
-fn drain_into(inbox: &Receiver<Vec<SaveFailure>>, not_saved: &mut Vec<String>) {
-    for failures in inbox.try_iter() {
-        not_saved.extend(failures.into_iter().map(|failure| failure.reason));
+/// Takes the failure reports waiting (the bench asks for no history, so there are no others).
+fn drain_into(inbox: &Receiver<Report>, not_saved: &mut Vec<String>) {
+    for report in inbox.try_iter() {
+        if let Report::NotSaved(failures) = report {
+            not_saved.extend(failures.into_iter().map(|failure| failure.reason));
+        }
     }
 }
 

@@ -44,6 +44,11 @@ pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 /// loss, NAT timeout) sends no FIN or RST; without probes it would hold its slot and name
 /// forever. Redis defaults to 300; a minute frees dead slots sooner at a negligible cost.
 pub const DEFAULT_KEEPALIVE_SECS: u64 = 60;
+/// Stored messages a client gets when it joins. UnrealIRCd plays 15 and recommends 10–50, Matrix
+/// syncs 10: enough to see what the room is talking about, few enough to read at a glance.
+pub const DEFAULT_HISTORY_ON_JOIN: usize = 20;
+/// Most stored messages one `/history N` may ask for: a few screens, and a bounded query.
+pub const DEFAULT_HISTORY_MAX: usize = 500;
 /// Database used when `PEERCHAT_MONGO_URI` and `--mongo-uri` are absent.
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017";
 /// Environment variable that supplies the MongoDB URI.
@@ -79,6 +84,10 @@ pub struct ServerConfig {
     pub keepalive: Option<Duration>,
     /// Log lines below this level are not written (`--log-level`).
     pub log_level: Level,
+    /// Stored messages sent to a client when it joins; zero sends none.
+    pub history_on_join: usize,
+    /// Most stored messages one `/history` request gets.
+    pub history_max: usize,
     /// `None` with `--no-persist`: no database at all.
     pub store: Option<StoreConfig>,
 }
@@ -150,6 +159,8 @@ impl ServerConfig {
             presence_interval: DEFAULT_PRESENCE_INTERVAL,
             keepalive: Some(Duration::from_secs(DEFAULT_KEEPALIVE_SECS)),
             log_level: Level::Info,
+            history_on_join: DEFAULT_HISTORY_ON_JOIN,
+            history_max: DEFAULT_HISTORY_MAX,
             store,
         }
     }
@@ -203,6 +214,9 @@ Options:
                            3 probes SECS/3 apart); 0 turns it off [default: 60]
   --log-level LEVEL        debug (adds a line per connection), info, warn or error
                            [default: info]
+  --history-on-join N      stored messages a client gets when it joins, as notices;
+                           0 sends none [default: 20]
+  --history-max N          most stored messages one /history N shows [default: 500]
   --mongo-uri URI          MongoDB to store messages in, e.g. mongodb+srv://… for Atlas
                            [default: $PEERCHAT_MONGO_URI, else mongodb://127.0.0.1:27017]
   --mongo-db NAME          database name [default: peerchat]
@@ -333,6 +347,14 @@ pub fn parse_server_args(
     // Linux takes at most 32 767 s as the idle time (TCP_KEEPIDLE).
     let keepalive_secs = bounded(&mut args, "--keepalive", DEFAULT_KEEPALIVE_SECS, 0, 32_767)?;
     let log_level = optional(&mut args, "--log-level")?.unwrap_or(Level::Info);
+    let history_on_join = bounded(
+        &mut args,
+        "--history-on-join",
+        DEFAULT_HISTORY_ON_JOIN,
+        0,
+        100_000,
+    )?;
+    let history_max = bounded(&mut args, "--history-max", DEFAULT_HISTORY_MAX, 1, 100_000)?;
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
     let collection = optional(&mut args, "--mongo-collection")?;
@@ -359,6 +381,11 @@ pub fn parse_server_args(
     )?;
     let no_persist = args.contains("--no-persist");
     reject_leftovers(args)?;
+    if history_on_join > history_max {
+        return Err(ArgError(format!(
+            "--history-on-join: must be at most --history-max ({history_max})"
+        )));
+    }
     if max_output < max_line.saturating_mul(2) {
         return Err(ArgError(format!(
             "--max-output: must be at least twice --max-line ({max_line})"
@@ -409,6 +436,8 @@ pub fn parse_server_args(
         presence_interval: Duration::from_secs_f64(presence_secs),
         keepalive: (keepalive_secs > 0).then(|| Duration::from_secs(keepalive_secs)),
         log_level,
+        history_on_join,
+        history_max,
         store,
     }))
 }
@@ -525,6 +554,8 @@ mod tests {
         assert_eq!(config.presence_interval, Duration::from_secs(1));
         assert_eq!(config.keepalive, Some(Duration::from_secs(60)));
         assert_eq!(config.log_level, Level::Info);
+        assert_eq!(config.history_on_join, 20);
+        assert_eq!(config.history_max, 500);
         let store = config.store.expect("persistence is on by default");
         assert_eq!(store.uri, "mongodb://127.0.0.1:27017");
         assert_eq!(

@@ -25,6 +25,10 @@ pub enum Command<'a> {
     Chat(&'a str),
     /// `/nick NAME`; the name is not validated yet.
     Nick(&'a str),
+    /// `/me ACTION`: an action, shown to the others as `* NAME ACTION`.
+    Me(&'a str),
+    /// `/history [N]`: the last N stored messages (`None`: the default count). Never zero.
+    History(Option<usize>),
     /// `/who`: list the connected names.
     Who,
     /// `/help`: list the commands.
@@ -57,10 +61,33 @@ pub fn parse(line: &str) -> Command<'_> {
     match word {
         "nick" if arg.is_empty() => Command::Usage("usage: /nick NAME"),
         "nick" => Command::Nick(arg),
+        "me" if arg.is_empty() => Command::Usage(ME_USAGE),
+        "me" => Command::Me(arg),
+        "history" => parse_history(arg),
         "who" => Command::Who,
         "help" => Command::Help,
         "quit" => Command::Quit,
         _ => Command::Unknown,
+    }
+}
+
+const ME_USAGE: &str = "usage: /me ACTION";
+const HISTORY_USAGE: &str = "usage: /history [N]";
+
+/// `/history`, `/history N` (N ≥ 1; a count too large for memory still means "as many as
+/// allowed"), anything else is a usage error.
+fn parse_history(arg: &str) -> Command<'_> {
+    if arg.is_empty() {
+        return Command::History(None);
+    }
+    if !arg.bytes().all(|b| b.is_ascii_digit()) {
+        return Command::Usage(HISTORY_USAGE);
+    }
+    match arg.parse::<usize>() {
+        Ok(0) => Command::Usage(HISTORY_USAGE),
+        Ok(count) => Command::History(Some(count)),
+        // Only digits, so too many of them: more than anyone may ask for.
+        Err(_) => Command::History(Some(usize::MAX)),
     }
 }
 
@@ -244,9 +271,11 @@ pub fn who<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
 }
 
 /// Reply to `/help`, one notice per line.
-pub const HELP_LINES: [&str; 6] = [
+pub const HELP_LINES: [&str; 8] = [
     "commands:",
     "  /nick NAME   change your name (ASCII letters, digits, - _ . up to 32)",
+    "  /me ACTION   tell the others what you do: * NAME ACTION",
+    "  /history [N] the last N stored messages (default 20)",
     "  /who         list who is online",
     "  /help        this text",
     "  /quit        leave",
@@ -255,6 +284,46 @@ pub const HELP_LINES: [&str; 6] = [
 
 /// Reply to `/quit` before the connection closes.
 pub const BYE: &str = "bye";
+
+/// Notice to the others for `/me ACTION`.
+pub fn action(name: &str, text: &str) -> String {
+    format!("{name} {text}")
+}
+
+/// One stored message as a history notice: `[2026-11-24T14:03:05Z] <alice> hi`, or
+/// `[…] * alice waves` for an action. Time in UTC, to the second.
+pub fn history_line(at_millis: i64, nick: &str, text: &str, action: bool) -> String {
+    let at = utc_seconds(at_millis);
+    if action {
+        format!("[{at}] * {nick} {text}")
+    } else {
+        format!("[{at}] <{nick}> {text}")
+    }
+}
+
+/// The notice that ends a history reply.
+pub fn end_of_history(count: usize) -> String {
+    let noun = if count == 1 { "message" } else { "messages" };
+    format!("end of history ({count} {noun})")
+}
+
+/// Error when history cannot be read.
+pub fn history_unavailable(reason: &str) -> String {
+    format!("history unavailable: {reason}")
+}
+
+/// Why history is unavailable with `--no-persist`.
+pub const PERSISTENCE_OFF: &str = "persistence is off";
+
+/// `YYYY-MM-DDTHH:MM:SSZ`, the fraction of a second cut off.
+fn utc_seconds(millis: i64) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::from_unix_timestamp(millis.div_euclid(1000))
+        .ok()
+        .and_then(|at| at.format(FORMAT).ok())
+        .unwrap_or_else(|| "?".to_string())
+}
 
 /// Error for a line over the limit.
 pub fn line_too_long(max_line: usize) -> String {
@@ -318,6 +387,23 @@ mod tests {
         assert_eq!(parse("/nick   bob  "), Command::Nick("bob"));
         assert_eq!(parse("/nick"), Command::Usage("usage: /nick NAME"));
         assert_eq!(parse("/who"), Command::Who);
+        assert_eq!(parse("/me waves  "), Command::Me("waves"));
+        assert_eq!(parse("/me"), Command::Usage("usage: /me ACTION"));
+        assert_eq!(parse("/history"), Command::History(None));
+        assert_eq!(parse("/history 5"), Command::History(Some(5)));
+        assert_eq!(
+            parse("/history 99999999999999999999999"),
+            Command::History(Some(usize::MAX))
+        );
+        for bad in [
+            "/history 0",
+            "/history x",
+            "/history -1",
+            "/history 5 6",
+            "/history 1.5",
+        ] {
+            assert_eq!(parse(bad), Command::Usage("usage: /history [N]"), "{bad}");
+        }
         assert_eq!(parse("/help"), Command::Help);
         assert_eq!(parse("/quit"), Command::Quit);
         assert_eq!(parse("/dance now"), Command::Unknown);
@@ -438,6 +524,24 @@ mod tests {
         let long = "é".repeat(50);
         let expected = format!("not saved: \"{}\u{2026}\" (x)", "é".repeat(40));
         assert_eq!(not_saved(&long, "x"), expected);
+    }
+
+    #[test]
+    fn history_lines_show_utc_seconds() {
+        // 2025-11-24T16:00:00.999Z: the fraction is cut, not rounded.
+        let at = 1_764_000_000_999;
+        let expected_time = "2025-11-24T16:00:00Z";
+        assert_eq!(
+            history_line(at, "alice", "hi", false),
+            format!("[{expected_time}] <alice> hi")
+        );
+        assert_eq!(
+            history_line(at, "alice", "waves", true),
+            format!("[{expected_time}] * alice waves")
+        );
+        assert_eq!(end_of_history(1), "end of history (1 message)");
+        assert_eq!(end_of_history(0), "end of history (0 messages)");
+        assert_eq!(end_of_history(20), "end of history (20 messages)");
     }
 
     #[test]

@@ -105,9 +105,9 @@ fn commands_help_unknown_slash_escape_and_empty_lines() {
     let (mut alice, mut bob) = alice_and_bob(server.addr);
 
     alice.send("/help");
-    let help: Vec<String> = (0..6).map(|_| alice.line()).collect();
+    let help: Vec<String> = (0..8).map(|_| alice.line()).collect();
     assert!(help.iter().all(|line| line.starts_with("* ")), "{help:?}");
-    for command in ["/nick", "/who", "/help", "/quit", "//"] {
+    for command in ["/nick", "/me", "/history", "/who", "/help", "/quit", "//"] {
         assert!(
             help.iter().any(|line| line.contains(command)),
             "{command} not in /help"

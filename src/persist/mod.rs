@@ -13,11 +13,15 @@
 //! reported `storage stopped`, and that is logged once (ERROR): a message is never left
 //! unreported.
 //!
-//! Three parts, one file each: this one (the queue, the batching thread, reporting back),
-//! `watchdog` (a deadline on every batch, and a new driver client when one hangs, since the
+//! The same thread answers history requests, in queue order between batches (see `history`
+//! for why there).
+//!
+//! Four parts, one file each: this one (the queue, the batching thread, reporting back),
+//! `history` (requests, answers, where a query's index range starts), `watchdog` (a deadline on every batch, and a new driver client when one hangs, since the
 //! driver cannot time out a silent connection), and `store` (the driver calls and what their
 //! errors mean).
 
+mod history;
 mod store;
 mod watchdog;
 
@@ -36,6 +40,8 @@ use bson::{DateTime, RawDocumentBuf};
 
 use crate::config::StoreConfig;
 use crate::{error, info, warn};
+use history::Newest;
+pub use history::{HistoryReply, HistoryRequest, StoredLine, ACTION_KIND};
 pub use store::{redact_uri, write_concern, Store};
 use watchdog::{Inserter, BATCH_DEADLINE_FACTOR};
 
@@ -70,19 +76,28 @@ pub struct SaveFailure {
     pub reason: String,
 }
 
-/// Where the persistence thread sends the failures its senders must hear about. The server's
-/// event loop implements it with its inbox; persistence knows nothing of the loop.
+/// What the persistence thread tells the loop.
+#[derive(Debug)]
+pub enum Report {
+    /// Messages that could not be stored, for their senders.
+    NotSaved(Vec<SaveFailure>),
+    /// The answer to history requests.
+    History(HistoryReply),
+}
+
+/// Where the persistence thread sends what the loop must hear. The server's event loop
+/// implements it with its inbox; persistence knows nothing of the loop.
 pub trait Reporter: Send + 'static {
-    /// Hands over one batch's failures; may block while the receiver is full (this runs on the
-    /// persistence thread, never on the loop). Failures for a receiver that is gone are dropped:
+    /// Hands over one report; may block while the receiver is full (this runs on the
+    /// persistence thread, never on the loop). Reports for a receiver that is gone are dropped:
     /// the server is stopping.
-    fn not_saved(&self, failures: Vec<SaveFailure>);
+    fn report(&self, report: Report);
 }
 
 /// A plain channel as a reporter, for programs that drive a `Persister` without a server.
-impl Reporter for SyncSender<Vec<SaveFailure>> {
-    fn not_saved(&self, failures: Vec<SaveFailure>) {
-        let _ = self.send(failures);
+impl Reporter for SyncSender<Report> {
+    fn report(&self, report: Report) {
+        let _ = self.send(report);
     }
 }
 
@@ -96,6 +111,8 @@ const EMPTY_DOCUMENT: [u8; 5] = [5, 0, 0, 0, 0];
 pub struct Record {
     /// Who to tell if it cannot be stored.
     pub sender: ClientRef,
+    /// The `timestamp` field, kept at hand for the history's index bounds.
+    accepted_millis: i64,
     document: RawDocumentBuf,
 }
 
@@ -121,7 +138,17 @@ impl Record {
         document.append(cstr!("port"), i32::from(addr.port()));
         document.append(cstr!("nick"), nick);
         document.append(cstr!("timestamp"), accepted_at);
-        Record { sender, document }
+        Record {
+            sender,
+            accepted_millis: accepted_at.timestamp_millis(),
+            document,
+        }
+    }
+
+    /// Marks the message as a `/me` action (`kind: "action"`); plain messages have no `kind`.
+    pub fn action(mut self) -> Record {
+        self.document.append(cstr!("kind"), ACTION_KIND);
+        self
     }
 
     /// The document as it is stored.
@@ -151,6 +178,13 @@ impl AsRef<RawDocumentBuf> for Record {
     }
 }
 
+/// What the loop hands the persistence thread, in the order it happened.
+#[derive(Debug)]
+enum Queued {
+    Save(Record),
+    History(HistoryRequest),
+}
+
 /// A message the queue would not take: its text and the reason, for its sender.
 #[derive(Debug)]
 pub struct SubmitError {
@@ -167,6 +201,9 @@ struct Shared {
     queued_bytes: AtomicUsize,
     /// The thread failed: it reports what it still gets as not saved, and `submit` refuses.
     failed: AtomicBool,
+    /// History requests in the queue: while there are any, the thread does not wait to gather
+    /// a batch, so a request is answered without the batching delay.
+    history_queued: AtomicUsize,
     /// The failure has been logged, by whichever side saw it first.
     failure_logged: AtomicBool,
 }
@@ -187,7 +224,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Persister {
     /// `None` once closed for shutdown.
-    queue: Option<SyncSender<Record>>,
+    queue: Option<SyncSender<Queued>>,
     thread: JoinHandle<PersistStats>,
     /// Messages taken into the queue (counted on the loop's side).
     accepted: Cell<u64>,
@@ -210,7 +247,7 @@ type Batch = Arc<Vec<Record>>;
 /// batch in hand and the counts. If it panics, what it left in the batch and everything queued
 /// later is reported as not saved.
 type Work = Box<
-    dyn FnOnce(&Receiver<Record>, &Shared, &dyn Reporter, &mut Batch, &mut PersistStats) + Send,
+    dyn FnOnce(&Receiver<Queued>, &Shared, &dyn Reporter, &mut Batch, &mut PersistStats) + Send,
 >;
 
 impl Persister {
@@ -250,9 +287,19 @@ impl Persister {
                     shared.failed.store(true, Ordering::Release);
                     shared.log_failure();
                     report_unsaved(&batch, &results, shared, &mut stats);
-                    while let Ok(record) = incoming.recv() {
-                        take_bytes(shared, record.size());
-                        report_unsaved(&[record], &results, shared, &mut stats);
+                    while let Ok(queued) = incoming.recv() {
+                        match queued {
+                            Queued::Save(record) => {
+                                take_bytes(shared, record.size());
+                                report_unsaved(&[record], &results, shared, &mut stats);
+                            }
+                            Queued::History(request) => {
+                                shared.history_queued.fetch_sub(1, Ordering::AcqRel);
+                                let lines = Err(STORAGE_STOPPED.to_string());
+                                let requests = vec![request];
+                                results.report(Report::History(HistoryReply { requests, lines }));
+                            }
+                        }
                     }
                 }
                 stats
@@ -289,19 +336,50 @@ impl Persister {
             return refuse(record, QUEUE_FULL);
         }
         self.shared.queued_bytes.fetch_add(size, Ordering::AcqRel);
-        match queue.try_send(record) {
+        match queue.try_send(Queued::Save(record)) {
             Ok(()) => {
                 self.accepted.set(self.accepted.get() + 1);
                 Ok(())
             }
-            Err(TrySendError::Full(record)) => {
+            Err(err) => {
                 take_bytes(&self.shared, size);
-                refuse(record, QUEUE_FULL)
+                let (queued, reason) = match err {
+                    TrySendError::Full(queued) => (queued, QUEUE_FULL),
+                    TrySendError::Disconnected(queued) => {
+                        self.shared.log_failure();
+                        (queued, STORAGE_STOPPED)
+                    }
+                };
+                match queued {
+                    Queued::Save(record) => refuse(record, reason),
+                    Queued::History(_) => unreachable!("a record was sent"),
+                }
             }
-            Err(TrySendError::Disconnected(record)) => {
-                take_bytes(&self.shared, size);
-                self.shared.log_failure();
-                refuse(record, STORAGE_STOPPED)
+        }
+    }
+
+    /// Queues a history request behind the messages already queued, without blocking, and
+    /// wakes the thread if it is gathering a batch. Refused (with the reason) when the queue is
+    /// full or storage has stopped.
+    pub fn request_history(&self, request: HistoryRequest) -> Result<(), &'static str> {
+        let Some(queue) = &self.queue else {
+            return Err(STORAGE_STOPPED);
+        };
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(STORAGE_STOPPED);
+        }
+        self.shared.history_queued.fetch_add(1, Ordering::AcqRel);
+        match queue.try_send(Queued::History(request)) {
+            Ok(()) => {
+                self.thread.thread().unpark();
+                Ok(())
+            }
+            Err(err) => {
+                self.shared.history_queued.fetch_sub(1, Ordering::AcqRel);
+                Err(match err {
+                    TrySendError::Full(_) => QUEUE_FULL,
+                    TrySendError::Disconnected(_) => STORAGE_STOPPED,
+                })
             }
         }
     }
@@ -365,54 +443,182 @@ fn take_bytes(shared: &Shared, size: usize) {
 /// to be stored (delivery to the other clients never waits).
 pub const MIN_INSERT_INTERVAL: Duration = Duration::from_millis(50);
 
-/// The persistence thread: batch, insert (through the watchdog), report, until the queue is
-/// closed and empty. The batch in hand is in `batch` until it is reported, so that a failure of
-/// this thread cannot lose it.
+/// The persistence thread: batch, insert (through the watchdog), report, and answer history
+/// requests in their place in the queue, until the queue is closed and empty. The batch in hand
+/// is in `batch` until it is reported, so that a failure of this thread cannot lose it.
 fn run(
     config: StoreConfig,
-    incoming: &Receiver<Record>,
+    incoming: &Receiver<Queued>,
     results: &dyn Reporter,
     shared: &Shared,
     batch: &mut Batch,
     stats: &mut PersistStats,
 ) {
-    let deadline = config.timeout * BATCH_DEADLINE_FACTOR;
-    let mut inserter = Inserter::new(config);
-    let mut health = Health::default();
-    let mut last_insert: Option<Instant> = None;
-    let mut last_was_full = false;
-    while let Ok(first) = incoming.recv() {
+    let mut thread = PersistThread {
+        deadline: config.timeout * BATCH_DEADLINE_FACTOR,
+        inserter: Inserter::new(config),
+        health: Health::default(),
+        newest: Newest::new(0),
+        last_insert: None,
+        last_was_full: false,
+        last_failure: None,
+        incoming,
+        results,
+        shared,
+    };
+    let mut next = None;
+    loop {
+        let Some(queued) = next.take().or_else(|| incoming.recv().ok()) else {
+            return;
+        };
+        next = match queued {
+            Queued::Save(first) => thread.save_batch(first, batch, stats),
+            Queued::History(request) => thread.answer_history(request),
+        };
+    }
+}
+
+/// The persistence thread's state between batches.
+struct PersistThread<'a> {
+    /// How long one batch or query may take before its driver client is given up on.
+    deadline: Duration,
+    inserter: Inserter,
+    health: Health,
+    /// Where history queries start their index range.
+    newest: Newest,
+    last_insert: Option<Instant>,
+    last_was_full: bool,
+    /// Why the last batch failed as a whole, if it did: a history request right behind it gets
+    /// that answer instead of waiting for the same unreachable database again.
+    last_failure: Option<String>,
+    incoming: &'a Receiver<Queued>,
+    results: &'a dyn Reporter,
+    shared: &'a Shared,
+}
+
+impl PersistThread<'_> {
+    /// Gathers a batch starting with `first`, stores it and reports its failures. Returns a
+    /// history request met while gathering: it waits for this batch, and nothing after it
+    /// joins the batch.
+    fn save_batch(
+        &mut self,
+        first: Record,
+        batch: &mut Batch,
+        stats: &mut PersistStats,
+    ) -> Option<Queued> {
         let mut bytes = first.size();
         let mut records = vec![first];
         // Under load, inserts start at most every `MIN_INSERT_INTERVAL`: what arrives meanwhile
         // joins the batch. A message after a quiet spell is inserted at once, and so is the next
-        // batch after a full one: the interval must not cap what a fast database stores.
-        if let Some(at) = last_insert.filter(|_| !last_was_full) {
-            thread::sleep((at + MIN_INSERT_INTERVAL).saturating_duration_since(Instant::now()));
+        // batch after a full one (the interval must not cap what a fast database stores), and
+        // one with a history request waiting behind it.
+        if let Some(at) = self.last_insert.filter(|_| !self.last_was_full) {
+            self.wait_unless_history(at + MIN_INSERT_INTERVAL);
         }
+        let mut next = None;
         while records.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            let Ok(record) = incoming.try_recv() else {
-                break;
-            };
-            bytes += record.size();
-            records.push(record);
+            match self.incoming.try_recv() {
+                Ok(Queued::Save(record)) => {
+                    bytes += record.size();
+                    records.push(record);
+                }
+                Ok(history) => {
+                    next = Some(history);
+                    break;
+                }
+                Err(_) => break,
+            }
         }
-        last_insert = Some(Instant::now());
-        last_was_full = records.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES;
+        self.last_insert = Some(Instant::now());
+        self.last_was_full = records.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES;
         *batch = Arc::new(records);
-        take_bytes(shared, bytes);
-        let failures = inserter.save(batch, deadline);
-        health.note(batch.len(), &failures);
+        take_bytes(self.shared, bytes);
+        let failures = self.inserter.save(batch, self.deadline);
+        self.health.note(batch.len(), &failures);
         let count = batch.len();
+        self.last_failure = (failures.len() == count)
+            .then(|| failures.first().map(|(_, reason)| reason.clone()))
+            .flatten();
+        for record in saved(batch, &failures) {
+            self.newest.note(record.accepted_millis);
+        }
         let reports = failure_reports(batch, failures);
         *batch = Batch::default();
         stats.failed += reports.len() as u64;
         stats.saved += (count - reports.len()) as u64;
         if !reports.is_empty() {
-            results.not_saved(reports);
+            self.results.report(Report::NotSaved(reports));
         }
-        shared.settled.fetch_add(count as u64, Ordering::Release);
+        self.shared
+            .settled
+            .fetch_add(count as u64, Ordering::Release);
+        next
     }
+
+    /// Sleeps until `until`, or until a history request is queued.
+    fn wait_unless_history(&self, until: Instant) {
+        loop {
+            let now = Instant::now();
+            if now >= until || self.shared.history_queued.load(Ordering::Acquire) > 0 {
+                return;
+            }
+            thread::park_timeout(until - now);
+        }
+    }
+
+    /// Answers `first` and the history requests right behind it with one query (they ask the
+    /// same question: nothing was stored between them). Returns the record that ended the run.
+    fn answer_history(&mut self, first: HistoryRequest) -> Option<Queued> {
+        let mut requests = vec![first];
+        let mut next = None;
+        while let Ok(queued) = self.incoming.try_recv() {
+            match queued {
+                Queued::History(request) => requests.push(request),
+                record => {
+                    next = Some(record);
+                    break;
+                }
+            }
+        }
+        let count = requests
+            .iter()
+            .map(|request| request.count)
+            .max()
+            .unwrap_or(0);
+        let lines = match self.last_failure.take() {
+            Some(reason) => Err(reason),
+            None => self.read_last(count),
+        };
+        self.shared
+            .history_queued
+            .fetch_sub(requests.len(), Ordering::AcqRel);
+        self.results
+            .report(Report::History(HistoryReply { requests, lines }));
+        next
+    }
+
+    /// The last `count` stored messages, oldest first.
+    fn read_last(&mut self, count: usize) -> Result<Arc<[StoredLine]>, String> {
+        self.newest.keep_at_least(count);
+        let plan = self.newest.plan(count, DateTime::now().timestamp_millis());
+        let lines = self.inserter.last_messages(count, plan, self.deadline)?;
+        self.newest.note_found(&lines);
+        Ok(lines.into())
+    }
+}
+
+/// The records of `batch` stored, given the (unchecked) indexes of those that failed.
+fn saved<'a>(
+    batch: &'a [Record],
+    failures: &[(usize, String)],
+) -> impl Iterator<Item = &'a Record> {
+    let mut failed: Vec<usize> = failures.iter().map(|(index, _)| *index).collect();
+    failed.sort_unstable();
+    batch
+        .iter()
+        .enumerate()
+        .filter(move |(index, _)| failed.binary_search(index).is_err())
+        .map(|(_, record)| record)
 }
 
 /// Reports every message of `batch` as not saved because storage stopped.
@@ -429,7 +635,7 @@ fn report_unsaved(
     let failures = (0..count).map(|index| (index, STORAGE_STOPPED.to_string()));
     let reports = failure_reports(batch, failures.collect());
     stats.failed += count as u64;
-    results.not_saved(reports);
+    results.report(Report::NotSaved(reports));
     shared.settled.fetch_add(count as u64, Ordering::Release);
 }
 
@@ -547,7 +753,9 @@ mod tests {
         let (reports, inbox) = mpsc::sync_channel(16);
         let (go, wait) = mpsc::channel::<()>();
         let work: Work = Box::new(move |incoming, shared, _results, batch, _stats| {
-            let record = incoming.recv().unwrap();
+            let Ok(Queued::Save(record)) = incoming.recv() else {
+                panic!("expected a record first");
+            };
             take_bytes(shared, record.size());
             *batch = Arc::new(vec![record]);
             wait.recv().unwrap(); // until the test has queued another message
@@ -556,14 +764,28 @@ mod tests {
         let persister = Persister::spawn(4, 1 << 20, reports, work).unwrap();
         persister.submit(record("in hand")).unwrap();
         persister.submit(record("queued")).unwrap();
+        let asker = ClientRef { slot: 1, id: 2 };
+        let request = HistoryRequest {
+            client: asker,
+            ticket: 9,
+            count: 20,
+        };
+        persister.request_history(request).unwrap();
         go.send(()).unwrap();
         let mut reported = Vec::new();
-        while reported.len() < 2 {
-            let failures = inbox
+        let mut history = None;
+        while reported.len() < 2 || history.is_none() {
+            match inbox
                 .recv_timeout(Duration::from_secs(10))
-                .expect("reports");
-            reported.extend(failures);
+                .expect("reports")
+            {
+                Report::NotSaved(failures) => reported.extend(failures),
+                Report::History(reply) => history = Some(reply),
+            }
         }
+        let history = history.unwrap();
+        assert_eq!(history.requests, [request]);
+        assert_eq!(history.lines.unwrap_err(), STORAGE_STOPPED);
         let texts: Vec<(&str, &str)> = reported
             .iter()
             .map(|f| (f.content.as_str(), f.reason.as_str()))
@@ -594,7 +816,7 @@ mod tests {
         let size = record("x".repeat(100).as_str()).size();
         let work: Work = Box::new(move |incoming, shared, _results, _batch, _stats| {
             wait.recv().unwrap();
-            while let Ok(record) = incoming.recv() {
+            while let Ok(Queued::Save(record)) = incoming.recv() {
                 take_bytes(shared, record.size());
                 shared.settled.fetch_add(1, Ordering::Release);
             }

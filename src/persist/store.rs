@@ -1,5 +1,6 @@
-//! The database side of persistence: the driver client, the `timestamp` index, inserting a
-//! batch, and turning driver errors into which messages failed and a short reason.
+//! The database side of persistence: the driver client, the `(timestamp, _id)` index, inserting
+//! a batch, reading the newest messages back, and turning driver errors into which messages
+//! failed and a short reason.
 //!
 //! It uses the driver's async API on a runtime of the worker thread's own (see `watchdog`):
 //! the sync API runs every call on the driver's shared multi-threaded runtime, which cost
@@ -10,6 +11,7 @@ use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
+use super::history::StoredLine;
 use crate::config::StoreConfig;
 use crate::{info, warn};
 
@@ -41,7 +43,7 @@ impl Store {
         }
     }
 
-    /// Connects and creates the `timestamp` index, logging one line either way. An unreachable
+    /// Connects and creates the index, logging one line either way. An unreachable
     /// database is a warning, not an error: saving keeps trying with each batch.
     pub async fn prepare(&mut self) {
         let target = format!(
@@ -88,6 +90,55 @@ impl Store {
         failures
     }
 
+    /// The last `count` stored messages, oldest first. Tries the ranges of `plan` (see
+    /// `history::Newest::plan`) in order until one holds `count` messages; its last, `None`, is
+    /// the whole collection. Returns the reason to show when the database cannot answer.
+    pub async fn last_messages(
+        &mut self,
+        count: usize,
+        plan: &[Option<i64>],
+    ) -> Result<Vec<StoredLine>, String> {
+        let mut found = Vec::new();
+        for &since in plan {
+            found = self
+                .newest_since(count, since)
+                .await
+                .map_err(|err| describe(&err))?;
+            if found.len() >= count {
+                break;
+            }
+        }
+        found.reverse();
+        Ok(found)
+    }
+
+    /// Up to `count` messages stored at or after `since` (all of them for `None`), newest first,
+    /// in the `(timestamp, _id)` order of the index.
+    async fn newest_since(
+        &mut self,
+        count: usize,
+        since: Option<i64>,
+    ) -> Result<Vec<StoredLine>, DbError> {
+        let filter = match since {
+            Some(millis) => doc! { "timestamp": { "$gte": bson::DateTime::from_millis(millis) } },
+            None => doc! {},
+        };
+        let collection = self.collection().await?;
+        let mut cursor = collection
+            .find(filter)
+            .sort(doc! { "timestamp": -1, "_id": -1 })
+            .limit(i64::try_from(count).unwrap_or(i64::MAX))
+            // All of them in the first reply: one round trip.
+            .batch_size(u32::try_from(count).unwrap_or(u32::MAX))
+            .projection(doc! { "_id": 0, "timestamp": 1, "nick": 1, "content": 1, "kind": 1 })
+            .await?;
+        let mut lines = Vec::with_capacity(count.min(1024));
+        while cursor.advance().await? {
+            lines.extend(StoredLine::from_document(cursor.current()));
+        }
+        Ok(lines)
+    }
+
     async fn insert(&mut self, documents: &[impl AsRef<RawDocumentBuf>]) -> Result<(), DbError> {
         let collection = self.collection().await?;
         collection
@@ -105,10 +156,13 @@ impl Store {
         }
     }
 
-    /// Creates the `timestamp` index. Returns an error only when the database could not be
+    /// Creates the `(timestamp, _id)` index: history reads the newest messages in that order,
+    /// `_id` settling messages stored in the same millisecond. Returns an error only when the database could not be
     /// reached (try again later); any other failure is logged once and not retried.
     async fn settle_index(&mut self) -> Result<(), DbError> {
-        let index = IndexModel::builder().keys(doc! { "timestamp": 1 }).build();
+        let index = IndexModel::builder()
+            .keys(doc! { "timestamp": 1, "_id": 1 })
+            .build();
         let result = match self.collection().await {
             Ok(collection) => collection.create_index(index).await.map(drop),
             Err(err) => Err(err),
@@ -119,7 +173,7 @@ impl Store {
             Err(err) => {
                 self.index_settled = true;
                 warn!(
-                    "could not create the timestamp index ({}); messages are still stored",
+                    "could not create the (timestamp, _id) index ({}); messages are still stored",
                     describe(&err)
                 );
             }

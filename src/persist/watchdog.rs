@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc as job_channel;
 
+use super::history::StoredLine;
 use super::store::{Store, MAY_STILL_BE_SAVED};
 use super::{Batch, Record};
 use crate::config::StoreConfig;
@@ -51,6 +52,12 @@ pub trait Saver: Send + 'static {
     fn prepare(&mut self) -> impl Future<Output = ()>;
     /// Stores a batch; returns the index of each record not stored, with the reason.
     fn save(&mut self, batch: &[Record]) -> impl Future<Output = Vec<(usize, String)>>;
+    /// The last `count` stored messages, oldest first, looking in the ranges of `plan`.
+    fn last_messages(
+        &mut self,
+        count: usize,
+        plan: &[Option<i64>],
+    ) -> impl Future<Output = Result<Vec<StoredLine>, String>>;
 }
 
 impl Saver for Store {
@@ -61,6 +68,39 @@ impl Saver for Store {
     fn save(&mut self, batch: &[Record]) -> impl Future<Output = Vec<(usize, String)>> {
         Store::save(self, batch)
     }
+
+    fn last_messages(
+        &mut self,
+        count: usize,
+        plan: &[Option<i64>],
+    ) -> impl Future<Output = Result<Vec<StoredLine>, String>> {
+        Store::last_messages(self, count, plan)
+    }
+}
+
+/// A driver call for a worker.
+enum Job {
+    Save(Batch),
+    History {
+        count: usize,
+        plan: Vec<Option<i64>>,
+    },
+}
+
+/// What a worker hands back.
+enum Done {
+    /// The collection is prepared (the first worker's first answer).
+    Prepared,
+    /// A batch's failed indexes and reasons.
+    Saved(Vec<(usize, String)>),
+    History(Result<Vec<StoredLine>, String>),
+}
+
+/// Why a call got no answer from its worker.
+struct NoAnswer {
+    reason: &'static str,
+    /// The call was handed over before it failed, so it may have done its work.
+    sent: bool,
 }
 
 /// Makes the saver for each new worker.
@@ -83,16 +123,16 @@ pub struct Inserter<S: Saver = Store> {
 /// One worker thread, with its own saver (its own driver client).
 struct Worker {
     /// `None` once abandoned: the thread ends after its call returns.
-    jobs: Option<job_channel::Sender<Batch>>,
-    done: Receiver<Vec<(usize, String)>>,
+    jobs: Option<job_channel::Sender<Job>>,
+    done: Receiver<Done>,
     /// Start-up (connect, index) has not reported yet.
     starting: bool,
     /// Messages in the batch given up on, to log what became of them if it finishes late.
     given_up: usize,
 }
 
-/// A worker thread found dead: the batch could not be given to it.
-struct Dead;
+/// A worker thread found dead; with the job back if it never took it.
+struct Dead(Option<Job>);
 
 impl Inserter {
     /// An inserter storing with `config`; each worker gets a new `Store`, so a new client.
@@ -118,23 +158,57 @@ impl<S: Saver> Inserter<S> {
     /// Stores `batch`, or gives up after `deadline`. Returns the failed indexes and reasons.
     pub fn save(&mut self, batch: &Batch, deadline: Duration) -> Vec<(usize, String)> {
         let count = batch.len();
+        match self.call(Job::Save(batch.clone()), deadline) {
+            Ok(Done::Saved(failures)) => failures,
+            Ok(_) => all_failed(count, WORKER_FAILED),
+            Err(NoAnswer { reason, sent: true }) => {
+                all_failed(count, &format!("{reason}{MAY_STILL_BE_SAVED}"))
+            }
+            Err(NoAnswer {
+                reason,
+                sent: false,
+            }) => all_failed(count, reason),
+        }
+    }
+
+    /// Reads the last `count` messages, or gives up after `deadline`.
+    pub fn last_messages(
+        &mut self,
+        count: usize,
+        plan: Vec<Option<i64>>,
+        deadline: Duration,
+    ) -> Result<Vec<StoredLine>, String> {
+        match self.call(Job::History { count, plan }, deadline) {
+            Ok(Done::History(result)) => result,
+            Ok(_) => Err(WORKER_FAILED.to_string()),
+            Err(NoAnswer { reason, .. }) => Err(reason.to_string()),
+        }
+    }
+
+    /// Runs `job` on the current worker (starting one if needed) and waits up to `deadline`
+    /// for its answer; a worker that overruns is abandoned, one found dead is replaced.
+    fn call(&mut self, job: Job, deadline: Duration) -> Result<Done, NoAnswer> {
         self.collect_late();
-        // A worker found dead before it took the batch gets one replacement.
+        let mut job = Some(job);
+        // A worker found dead before it took the job gets one replacement.
         for _ in 0..2 {
             let mut worker = match self.current.take() {
                 Some(worker) => worker,
-                None => match self.start_worker() {
-                    Ok(worker) => worker,
-                    Err(reason) => return all_failed(count, reason),
-                },
+                None => self.start_worker().map_err(|reason| NoAnswer {
+                    reason,
+                    sent: false,
+                })?,
             };
             if worker.starting {
                 match worker.done.recv_timeout(deadline) {
                     Ok(_) => worker.starting = false,
                     Err(RecvTimeoutError::Timeout) => {
-                        // This batch was never sent: it is certainly not saved.
+                        // This job was never sent: it certainly did nothing.
                         self.abandon(worker, 0, deadline);
-                        return all_failed(count, NOT_RESPONDING);
+                        return Err(NoAnswer {
+                            reason: NOT_RESPONDING,
+                            sent: false,
+                        });
                     }
                     Err(RecvTimeoutError::Disconnected) => {
                         died();
@@ -142,23 +216,40 @@ impl<S: Saver> Inserter<S> {
                     }
                 }
             }
-            match worker.run(batch, deadline) {
-                Ok(Some(failures)) => {
+            let Some(this_job) = job.take() else { break };
+            let saving = match &this_job {
+                Job::Save(batch) => batch.len(),
+                Job::History { .. } => 0,
+            };
+            match worker.run(this_job, deadline) {
+                Ok(Some(done)) => {
                     self.current = Some(worker);
-                    return failures;
+                    return Ok(done);
                 }
                 Ok(None) => {
-                    self.abandon(worker, count, deadline);
-                    return all_failed(count, &format!("{NOT_RESPONDING}{MAY_STILL_BE_SAVED}"));
+                    self.abandon(worker, saving, deadline);
+                    return Err(NoAnswer {
+                        reason: NOT_RESPONDING,
+                        sent: true,
+                    });
                 }
-                Err(Dead) if worker.took_nothing() => died(),
-                Err(Dead) => {
+                Err(Dead(Some(returned))) => {
                     died();
-                    return all_failed(count, &format!("{WORKER_FAILED}{MAY_STILL_BE_SAVED}"));
+                    job = Some(returned);
+                }
+                Err(Dead(None)) => {
+                    died();
+                    return Err(NoAnswer {
+                        reason: WORKER_FAILED,
+                        sent: true,
+                    });
                 }
             }
         }
-        all_failed(count, WORKER_FAILED)
+        Err(NoAnswer {
+            reason: WORKER_FAILED,
+            sent: false,
+        })
     }
 
     /// A new worker with a new saver, unless the abandoned ones already fill the cap.
@@ -176,7 +267,7 @@ impl<S: Saver> Inserter<S> {
         let prepare = self.started == 0;
         self.started += 1;
         let mut saver = (self.make_saver)();
-        let (jobs, mut job_rx) = job_channel::channel::<Batch>(1);
+        let (jobs, mut job_rx) = job_channel::channel::<Job>(1);
         // Room for one answer: the worker never waits to hand it over.
         let (done_tx, done) = mpsc::sync_channel(1);
         let spawned = thread::Builder::new()
@@ -192,12 +283,18 @@ impl<S: Saver> Inserter<S> {
                 runtime.block_on(async move {
                     if prepare {
                         saver.prepare().await;
-                        if done_tx.send(Vec::new()).is_err() {
+                        if done_tx.send(Done::Prepared).is_err() {
                             return;
                         }
                     }
-                    while let Some(batch) = job_rx.recv().await {
-                        if done_tx.send(saver.save(&batch).await).is_err() {
+                    while let Some(job) = job_rx.recv().await {
+                        let done = match job {
+                            Job::Save(batch) => Done::Saved(saver.save(&batch).await),
+                            Job::History { count, plan } => {
+                                Done::History(saver.last_messages(count, &plan).await)
+                            }
+                        };
+                        if done_tx.send(done).is_err() {
                             return;
                         }
                     }
@@ -233,7 +330,11 @@ impl<S: Saver> Inserter<S> {
     /// much of their batches was stored after all.
     fn collect_late(&mut self) {
         self.abandoned.retain(|worker| match worker.done.try_recv() {
-            Ok(failures) => {
+            Ok(done) => {
+                let failures = match done {
+                    Done::Saved(failures) => failures,
+                    _ => Vec::new(),
+                };
                 if worker.given_up > 0 {
                     info!(
                         "MongoDB answered late: {} of {} messages reported \"not responding\" were stored after all",
@@ -259,29 +360,22 @@ impl<S: Saver> Inserter<S> {
 }
 
 impl Worker {
-    /// Gives the worker `batch` and waits up to `deadline` for its result: `Ok(None)` if it
-    /// did not come in time.
-    fn run(
-        &mut self,
-        batch: &Batch,
-        deadline: Duration,
-    ) -> Result<Option<Vec<(usize, String)>>, Dead> {
-        let jobs = self.jobs.as_ref().ok_or(Dead)?;
-        // Never waits: the worker has finished its last batch, so the channel is empty.
-        if jobs.blocking_send(batch.clone()).is_err() {
-            self.jobs = None; // marks that the batch was never taken
-            return Err(Dead);
+    /// Gives the worker `job` and waits up to `deadline` for its answer: `Ok(None)` if it did
+    /// not come in time.
+    fn run(&mut self, job: Job, deadline: Duration) -> Result<Option<Done>, Dead> {
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(Dead(Some(job)));
+        };
+        // Never waits: the worker has finished its last job, so the channel is empty.
+        if let Err(returned) = jobs.blocking_send(job) {
+            self.jobs = None;
+            return Err(Dead(Some(returned.0)));
         }
         match self.done.recv_timeout(deadline) {
-            Ok(failures) => Ok(Some(failures)),
+            Ok(done) => Ok(Some(done)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(Dead),
+            Err(RecvTimeoutError::Disconnected) => Err(Dead(None)),
         }
-    }
-
-    /// The worker died before it was given the batch.
-    fn took_nothing(&self) -> bool {
-        self.jobs.is_none()
     }
 }
 
@@ -330,6 +424,21 @@ mod tests {
                 }
                 Behaviour::Panic => panic!("test: the database thread fails"),
             }
+        }
+
+        async fn last_messages(
+            &mut self,
+            count: usize,
+            _plan: &[Option<i64>],
+        ) -> Result<Vec<StoredLine>, String> {
+            self.save(&[]).await;
+            let line = |at_millis| StoredLine {
+                at_millis,
+                nick: "t".to_string(),
+                text: "t".to_string(),
+                action: false,
+            };
+            Ok((0..count as i64).map(line).collect())
         }
     }
 

@@ -8,30 +8,39 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::connection::CloseReason;
+use super::history::History;
 use super::presence::Presence;
 use super::room::Room;
 use crate::persist::{ClientRef, Persister, Record, SaveFailure, SubmitError};
 use crate::protocol::{self, Command};
 
-/// Greets a new client and tells the others (see `presence` for when).
-pub fn joined(room: &mut Room, presence: &mut Presence, slot: usize, now: Instant) {
+/// What a line may change besides the room: presence notices, the save queue, history.
+pub struct Services<'a> {
+    pub presence: &'a mut Presence,
+    pub persister: Option<&'a Persister>,
+    pub history: &'a mut History,
+}
+
+/// Greets a new client, tells the others (see `presence` for when) and asks for its history.
+pub fn joined(room: &mut Room, services: Services<'_>, slot: usize, now: Instant) {
     let Some(name) = room.get(slot).map(|conn| conn.name.clone()) else {
         return;
     };
     room.notice(slot, &protocol::welcome(&name));
-    presence.joined(room, slot, now);
+    services.presence.joined(room, slot, now);
+    services
+        .history
+        .on_join(room, services.persister, slot, now);
 }
 
 /// Applies one line from the client in `slot`, received at `now`. The loop has framed no more
 /// lines than the client's flood allowance, so each one that counts has its token.
-pub fn line(
-    room: &mut Room,
-    presence: &mut Presence,
-    persister: Option<&Persister>,
-    slot: usize,
-    bytes: &[u8],
-    now: Instant,
-) {
+pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], now: Instant) {
+    let Services {
+        presence,
+        persister,
+        history,
+    } = services;
     let Some(conn) = room.get_mut(slot) else {
         return;
     };
@@ -47,11 +56,17 @@ pub fn line(
         slot,
         id: conn.id(),
     };
-    if matches!(command, Command::Chat(_) | Command::Nick(_)) && !conn.announced {
+    if matches!(
+        command,
+        Command::Chat(_) | Command::Me(_) | Command::Nick(_)
+    ) && !conn.announced
+    {
         presence.announce_join_of(room, client, now);
     }
     match command {
         Command::Chat(message) => chat(room, persister, slot, message),
+        Command::Me(action) => act(room, persister, slot, action),
+        Command::History(count) => history.command(room, persister, slot, count, now),
         Command::Nick(name) => nick(room, presence, client, name, now),
         Command::Who => {
             let who = protocol::who(room.names());
@@ -115,7 +130,17 @@ fn chat(room: &mut Room, persister: Option<&Persister>, slot: usize, message: &s
     let (name, addr) = (conn.name.clone(), conn.addr());
     room.chat(slot, &name, message);
     if let Some(persister) = persister {
-        store(room, persister, slot, name, addr, message);
+        store(room, persister, slot, (name, addr), message, false);
+    }
+}
+
+/// `/me ACTION`: `* NAME ACTION` to the others, stored as an action.
+fn act(room: &mut Room, persister: Option<&Persister>, slot: usize, action: &str) {
+    let Some(conn) = room.get(slot) else { return };
+    let (name, addr) = (conn.name.clone(), conn.addr());
+    room.notice_all(Some(slot), &protocol::action(&name, action));
+    if let Some(persister) = persister {
+        store(room, persister, slot, (name, addr), action, true);
     }
 }
 
@@ -124,15 +149,18 @@ fn store(
     room: &mut Room,
     persister: &Persister,
     slot: usize,
-    nick: String,
-    addr: SocketAddr,
+    (nick, addr): (String, SocketAddr),
     message: &str,
+    action: bool,
 ) {
     let Some(sender) = room.client_ref(slot) else {
         return;
     };
     // Encoded once, here: the persistence thread and the driver pass these bytes on as they are.
-    let record = Record::new(sender, &nick, addr, message, bson::DateTime::now());
+    let mut record = Record::new(sender, &nick, addr, message, bson::DateTime::now());
+    if action {
+        record = record.action();
+    }
     if let Err(SubmitError { content, reason }) = persister.submit(record) {
         room.error(slot, &protocol::not_saved(&content, reason));
     }

@@ -9,6 +9,7 @@
 //! here (at most one read's worth) and the socket is not read again until it is used up, so a
 //! client over its rate is slowed down without losing or reordering anything.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -204,6 +205,13 @@ impl OutputBuffer {
     }
 }
 
+/// A history request waiting for its answer, and the output queued after it.
+#[derive(Debug)]
+struct HistoryWait {
+    ticket: u64,
+    held: Vec<u8>,
+}
+
 /// One connected client.
 #[derive(Debug)]
 pub struct Connection {
@@ -242,6 +250,12 @@ pub struct Connection {
     wants_writable: bool,
     /// Already on the loop's list of connections to flush this turn.
     pub flush_scheduled: bool,
+    /// History requests not answered yet, oldest first, each with the output queued after it:
+    /// that output waits for the answer, so history arrives as one block where it was asked
+    /// for (right after the welcome, for a join).
+    history_waits: VecDeque<HistoryWait>,
+    /// Bytes held in `history_waits`; they count against the output limit.
+    held_output: usize,
     /// Sent or received something since the last idle sweep: keep its buffers for reuse.
     active_since_sweep: bool,
 }
@@ -279,6 +293,8 @@ impl Connection {
             closing: None,
             wants_writable: false,
             flush_scheduled: false,
+            history_waits: VecDeque::new(),
+            held_output: 0,
             active_since_sweep: false,
         })
     }
@@ -302,10 +318,16 @@ impl Connection {
     }
 
     /// Marks the connection for closing; the first reason wins. Returns true if it was open.
+    /// Output held for history answers goes out without them: its last lines (a goodbye, the
+    /// reason it is closed) must not wait for an answer it no longer needs.
     pub fn close(&mut self, reason: CloseReason) -> bool {
         if self.closing.is_some() {
             return false;
         }
+        for wait in std::mem::take(&mut self.history_waits) {
+            self.output.push(&wait.held);
+        }
+        self.held_output = 0;
         self.closing = Some(reason);
         true
     }
@@ -429,14 +451,29 @@ impl Connection {
         }
     }
 
-    /// Queues bytes for sending. Returns false, and marks the connection for closing, when
-    /// the client is a slow consumer (its output would pass `max_output`) or writing to it
-    /// failed. Nothing is queued once the connection is closing.
+    /// Queues bytes for sending (behind the last unanswered history request, if any). Returns
+    /// false, and marks the connection for closing, when the client is a slow consumer (its
+    /// output would pass `max_output`) or writing to it failed. Nothing is queued once the
+    /// connection is closing.
     pub fn queue(&mut self, data: &[u8], max_output: usize) -> bool {
-        if self.closing.is_some() {
+        if self.closing.is_some() || !self.fits(data.len(), max_output) {
             return false;
         }
-        if self.output.len() + data.len() > max_output {
+        match self.history_waits.back_mut() {
+            Some(wait) => {
+                wait.held.extend_from_slice(data);
+                self.held_output += data.len();
+            }
+            None => self.output.push(data),
+        }
+        self.active_since_sweep = true;
+        true
+    }
+
+    /// True if `extra` more bytes keep the client within `max_output`; else closes it.
+    fn fits(&mut self, extra: usize, max_output: usize) -> bool {
+        let pending = |conn: &Self| conn.output.len() + conn.held_output + extra;
+        if pending(self) > max_output {
             // Output is normally written once per turn, so one busy turn can queue more than
             // the limit for a client that reads perfectly well. Give the socket what it takes
             // now, and judge the client only on what it has not taken.
@@ -444,14 +481,56 @@ impl Connection {
                 self.close(reason);
                 return false;
             }
-            if self.output.len() + data.len() > max_output {
+            if pending(self) > max_output {
                 self.close(CloseReason::SlowConsumer);
                 return false;
             }
         }
-        self.output.push(data);
-        self.active_since_sweep = true;
         true
+    }
+
+    /// From now on, output waits behind a history request until its answer (`history_arrived`)
+    /// or until it is given up on.
+    pub fn wait_for_history(&mut self, ticket: u64) {
+        self.history_waits.push_back(HistoryWait {
+            ticket,
+            held: Vec::new(),
+        });
+    }
+
+    /// Puts the answer to request `ticket` (`lines`, already encoded) where it was asked for,
+    /// followed by the output that waited for it. `None` if no such request is waiting; else
+    /// whether the client stays within its output limit.
+    pub fn history_arrived(
+        &mut self,
+        ticket: u64,
+        lines: &[u8],
+        max_output: usize,
+    ) -> Option<bool> {
+        let index = self
+            .history_waits
+            .iter()
+            .position(|wait| wait.ticket == ticket)?;
+        if self.closing.is_some() || !self.fits(lines.len(), max_output) {
+            return Some(false);
+        }
+        let wait = self.history_waits.remove(index)?;
+        self.held_output -= wait.held.len();
+        // What was queued before the request: the output, or what an earlier request holds.
+        match index.checked_sub(1) {
+            Some(earlier) => {
+                let held = &mut self.history_waits[earlier].held;
+                held.extend_from_slice(lines);
+                held.extend_from_slice(&wait.held);
+                self.held_output += lines.len() + wait.held.len();
+            }
+            None => {
+                self.output.push(lines);
+                self.output.push(&wait.held);
+            }
+        }
+        self.active_since_sweep = true;
+        Some(true)
     }
 
     /// Bytes queued and not yet written.

@@ -16,9 +16,10 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use socket2::SockRef;
 
-use super::chat;
+use super::chat::{self, Services};
 use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcome};
 use super::heap;
+use super::history::History;
 use super::inbox::{Inbox, LoopInput};
 use super::presence::Presence;
 use super::room::Room;
@@ -75,6 +76,7 @@ pub struct EventLoop {
     pub(super) persister: Option<Persister>,
     pub(super) room: Room,
     presence: Presence,
+    history: History,
     timers: Timers,
     max_clients: usize,
     socket_options: ClientSocketOptions,
@@ -120,6 +122,14 @@ impl EventLoop {
             persister,
             room: Room::new(config.limits),
             presence: Presence::new(config.presence_interval),
+            history: History::new(
+                config.history_on_join,
+                config.history_max,
+                config
+                    .store
+                    .as_ref()
+                    .map_or(Duration::ZERO, |store| store.timeout),
+            ),
             timers: Timers::default(),
             max_clients: config.max_clients,
             socket_options,
@@ -189,10 +199,12 @@ impl EventLoop {
         if self.accept_failing {
             wake = wake.min(now + ACCEPT_RETRY);
         }
-        for due in [self.timers.next_at(), self.presence.next_due()]
-            .into_iter()
-            .flatten()
-        {
+        let next_dues = [
+            self.timers.next_at(),
+            self.presence.next_due(),
+            self.history.next_due(),
+        ];
+        for due in next_dues.into_iter().flatten() {
             wake = wake.min(due);
         }
         wake.saturating_duration_since(now)
@@ -201,6 +213,7 @@ impl EventLoop {
     /// Acts on every timer that is due, and sends gathered presence notices whose time came.
     fn fire_timers(&mut self) {
         self.presence.announce_due(&mut self.room, self.now);
+        self.history.expire_due(&mut self.room, self.now);
         while let Some(due) = self.timers.pop_due(self.now) {
             match due {
                 Due::Resume(client) => {
@@ -281,7 +294,12 @@ impl EventLoop {
         match self.room.add(socket, addr, self.poll.registry(), self.now) {
             Ok(slot) => {
                 debug!("client {addr} connected ({} online)", self.room.len());
-                chat::joined(&mut self.room, &mut self.presence, slot, self.now);
+                let services = Services {
+                    presence: &mut self.presence,
+                    persister: self.persister.as_ref(),
+                    history: &mut self.history,
+                };
+                chat::joined(&mut self.room, services, slot, self.now);
             }
             Err(err) => warn!("could not set up client {addr}: {err}"),
         }
@@ -310,6 +328,7 @@ impl EventLoop {
         while let Some(input) = self.inbox.next() {
             match input {
                 LoopInput::NotSaved(failures) => chat::not_saved(&mut self.room, failures),
+                LoopInput::History(reply) => self.history.answer(&mut self.room, reply),
                 LoopInput::Shutdown => self.running = false,
             }
         }
@@ -383,14 +402,20 @@ impl EventLoop {
                 break;
             }
             match item {
-                Input::Line(range) => chat::line(
-                    &mut self.room,
-                    &mut self.presence,
-                    self.persister.as_ref(),
-                    slot,
-                    self.batch.line(range),
-                    self.now,
-                ),
+                Input::Line(range) => {
+                    let services = Services {
+                        presence: &mut self.presence,
+                        persister: self.persister.as_ref(),
+                        history: &mut self.history,
+                    };
+                    chat::line(
+                        &mut self.room,
+                        services,
+                        slot,
+                        self.batch.line(range),
+                        self.now,
+                    );
+                }
                 Input::TooLong => chat::too_long(&mut self.room, slot),
             }
         }
@@ -568,6 +593,9 @@ impl EventLoop {
         if let Some(persister) = &mut self.persister {
             persister.close();
         }
+        // Output held for history answers flows now: the goodbye must not wait behind them.
+        self.history
+            .give_up_all(&mut self.room, "server shutting down");
         let slots = self.room.slots_in_use();
         info!("shutting down; {} clients connected", slots.len());
         for slot in slots {

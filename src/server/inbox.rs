@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use mio::Waker;
 
-use crate::persist::{Reporter, SaveFailure};
+use crate::persist::{HistoryReply, Report, Reporter, SaveFailure};
 
 /// Items in flight to the loop before senders wait. Each item is a whole batch of results, so
 /// this is small; a sender that waits is another thread, never the loop.
@@ -21,6 +21,8 @@ const INBOX_CAPACITY: usize = 256;
 pub enum LoopInput {
     /// Messages the persistence thread could not store.
     NotSaved(Vec<SaveFailure>),
+    /// Stored messages some clients asked for.
+    History(HistoryReply),
     /// Stop the server.
     Shutdown,
 }
@@ -47,11 +49,15 @@ impl LoopSender {
     }
 }
 
-/// Save failures come to the loop like everything else from other threads.
+/// Save failures and history answers come to the loop like everything else from other threads.
 impl Reporter for LoopSender {
-    fn not_saved(&self, failures: Vec<SaveFailure>) {
+    fn report(&self, report: Report) {
+        let input = match report {
+            Report::NotSaved(failures) => LoopInput::NotSaved(failures),
+            Report::History(reply) => LoopInput::History(reply),
+        };
         // If the loop is gone the server is stopping; the thread keeps storing what is queued.
-        let _ = self.send(LoopInput::NotSaved(failures));
+        let _ = self.send(input);
     }
 }
 

@@ -9,6 +9,7 @@ mod connection;
 mod event_loop;
 mod flood;
 mod heap;
+mod history;
 pub mod inbox;
 mod presence;
 mod room;

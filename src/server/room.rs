@@ -307,6 +307,35 @@ impl Room {
         delivered
     }
 
+    /// Puts the answer to history request `ticket` (encoded `lines`) in place for `client`,
+    /// with the output that waited for it, and files the client for flushing (or reaping, if
+    /// this took it over its output limit). False if the client is gone or no longer waits for
+    /// that answer.
+    pub fn history_arrived(&mut self, client: ClientRef, ticket: u64, lines: &[u8]) -> bool {
+        // Chat gathered before this moment goes first, to this client as to everyone.
+        self.send_gathered_chat();
+        let max_output = self.limits.max_output;
+        let Some(conn) = self.find_mut(client) else {
+            return false;
+        };
+        match conn.history_arrived(ticket, lines, max_output) {
+            None => return false,
+            Some(false) => self.to_reap.push(client.slot),
+            Some(true) => self.schedule_flush(client.slot),
+        }
+        true
+    }
+
+    /// Files `slot` for this turn's flush, once.
+    fn schedule_flush(&mut self, slot: usize) {
+        if let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            if !conn.flush_scheduled {
+                conn.flush_scheduled = true;
+                self.to_flush.push(slot);
+            }
+        }
+    }
+
     /// Queues the encoded line to one open connection and files it for flushing, or for
     /// reaping when this line takes it over the output limit. True if it was queued.
     fn deliver(&mut self, slot: usize) -> bool {
