@@ -158,7 +158,7 @@ fn fill(db: &TestDatabase, count: usize, save: &impl Fn(&str, &[(&str, String)])
             collection.insert_many(&documents).ordered(false).run()
         });
         let done = first + documents.len();
-        if done % 100_000 == 0 && done < count {
+        if done.is_multiple_of(100_000) && done < count {
             println!(
                 "1. fill: {done} of {count}, {:.0} s",
                 started.elapsed().as_secs_f64()
