@@ -536,7 +536,9 @@ impl PersistThread<'_> {
         let failures = self.inserter.save(batch, self.deadline);
         self.health.note(batch.len(), &failures);
         let count = batch.len();
-        self.last_failure = (failures.len() == count)
+        // Only for requests already waiting: a later one asks the database again.
+        let asked = self.shared.history_queued.load(Ordering::Acquire) > 0;
+        self.last_failure = (asked && failures.len() == count)
             .then(|| failures.first().map(|(_, reason)| reason.clone()))
             .flatten();
         for record in saved(batch, &failures) {

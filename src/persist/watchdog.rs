@@ -538,6 +538,19 @@ mod tests {
     }
 
     #[test]
+    fn a_hung_history_query_is_given_up_on_and_the_next_goes_to_a_new_worker() {
+        let (release, hang) = mpsc::channel();
+        let (mut inserter, started) = inserter(vec![Behaviour::Hang(hang)]);
+        let hung = inserter.last_messages(3, vec![None], SHORT);
+        assert_eq!(hung.unwrap_err(), "database not responding");
+        let answered = inserter.last_messages(3, vec![None], DEADLINE);
+        assert_eq!(answered.unwrap().len(), 3, "new worker");
+        assert_eq!(*started.lock().unwrap(), 2);
+        assert_eq!(inserter.waiting(), 1);
+        drop(release);
+    }
+
+    #[test]
     fn a_dead_worker_is_replaced_and_its_batch_reported() {
         let (mut inserter, started) = inserter(vec![Behaviour::Panic]);
         let failures = inserter.save(&batch(2), DEADLINE);
