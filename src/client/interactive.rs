@@ -95,11 +95,12 @@ enum Flow {
 }
 
 /// Connects, then runs the session in raw mode until the user leaves or (with
-/// `--no-reconnect`) the server goes away. A first connect that fails is an error before the
-/// terminal is touched: only a connection that once worked is worth retrying.
+/// `--no-reconnect`) the server goes away. A first connect that fails is an error (exit 1):
+/// only a connection that once worked is worth retrying. Raw mode starts before the connect so
+/// keys typed meanwhile are not echoed by the terminal where they would be drawn over.
 pub fn run(config: &ClientConfig, painter: Painter) -> Result<(), Error> {
-    let stream = connection::connect(&config.host, config.port, config.connect_timeout)?;
     let raw_mode = RawMode::enter()?;
+    let stream = connection::connect(&config.host, config.port, config.connect_timeout)?;
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
     spawn_key_reader(events.clone())?;
     spawn_signal_listener(events.clone())?;
