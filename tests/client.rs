@@ -358,7 +358,12 @@ fn terminal_incoming_burst_does_not_garble_typed_input() {
     pty.type_keys(b"hello wor");
     pty.wait_for_row("> hello wor");
     bob.send_bytes(b"burst 1\nburst 2\nburst 3\nburst 4\nburst 5\n");
-    pty.wait_for_row("<bob> burst 5");
+    // The whole batch: the last line and the input line drawn again after it.
+    pty.wait_for("the burst, then the input line", |screen| {
+        let rows = screen_rows(screen);
+        let cursor_row = usize::from(screen.cursor_position().0);
+        rows.iter().any(|r| r == "<bob> burst 5") && rows[cursor_row] == "> hello wor"
+    });
 
     let rows = pty.rows();
     let at = |text: &str| {
@@ -388,12 +393,55 @@ fn terminal_incoming_burst_does_not_garble_typed_input() {
     pty.type_keys(b"\r");
     let received = bob.wait_for(|line| line.ends_with("> hello wor"));
     assert!(received.starts_with("<127.0.0.1:"), "{received}");
-    pty.wait_for_row("<you> hello wor");
-    assert_eq!(
-        pty.rows()[usize::from(pty.screen().cursor_position().0)],
-        ">"
-    );
+    pty.wait_for("own line, then an empty input line", |screen| {
+        let rows = screen_rows(screen);
+        let cursor_row = usize::from(screen.cursor_position().0);
+        rows.iter().any(|r| r == "<you> hello wor") && rows[cursor_row] == ">"
+    });
     pty.type_keys(b"/quit\r");
+    assert!(pty.wait_exit(&mut client.0).success());
+}
+
+/// A history replay (`/history`, or on joining) is a burst of notices in one write: all of it
+/// shows in order, one line per row, with the draft still on the input line below.
+#[test]
+fn terminal_history_replay_burst_keeps_the_input_line() {
+    const REPLAYED: usize = 20;
+    let (listener, port) = fake_server();
+    let mut pty = terminal();
+    let mut client = client_on(&pty, port, &["--no-time"]);
+    let mut stream = accept(&listener);
+    stream.write_all(WELCOME).unwrap();
+    pty.wait_for_text("welcome, you are");
+    pty.type_keys(b"draft");
+    pty.wait_for_row("> draft");
+    let mut replay = Vec::new();
+    for n in 1..=REPLAYED {
+        let line = format!("* [2026-11-24T14:03:{n:02}Z] <alice> message {n}\r\n");
+        replay.extend_from_slice(line.as_bytes());
+    }
+    replay.extend_from_slice(format!("* end of history ({REPLAYED} messages)\r\n").as_bytes());
+    stream.write_all(&replay).unwrap();
+    let end = format!("* end of history ({REPLAYED} messages)");
+    pty.wait_for("the replay, then the input line", |screen| {
+        let rows = screen_rows(screen);
+        let cursor_row = usize::from(screen.cursor_position().0);
+        rows.contains(&end) && rows[cursor_row] == "> draft"
+    });
+    let rows = pty.rows();
+    let first = rows
+        .iter()
+        .position(|r| r.ends_with("<alice> message 1"))
+        .expect("first replayed line");
+    for n in 1..=REPLAYED {
+        let expected = format!("* [2026-11-24T14:03:{n:02}Z] <alice> message {n}");
+        assert_eq!(rows[first + n - 1], expected, "{}", pty.contents());
+    }
+    assert_eq!(rows[first + REPLAYED], end);
+    assert_eq!(rows[first + REPLAYED + 1], "> draft");
+    assert_eq!(rows.iter().filter(|r| r.starts_with('>')).count(), 1);
+    pty.type_keys(b"\x15/quit\r");
+    assert_eq!(serve_until_quit(stream), ["/quit"]);
     assert!(pty.wait_exit(&mut client.0).success());
 }
 
@@ -426,10 +474,11 @@ fn terminal_line_editing_keys_edit_what_is_sent() {
         .collect();
     pty.type_keys(long.as_bytes());
     pty.type_keys(b"END");
-    pty.wait_for("the end of the long line", |screen| {
-        screen_rows(screen)
-            .iter()
-            .any(|row| row.starts_with("> ") && row.ends_with("END"))
+    pty.wait_for("the end of the long line, the cursor after it", |screen| {
+        let rows = screen_rows(screen);
+        let (row, col) = screen.cursor_position();
+        let row = &rows[usize::from(row)];
+        row.starts_with("> ") && row.ends_with("END") && usize::from(col) == row.chars().count()
     });
     let (row, col) = pty.screen().cursor_position();
     let rows = pty.rows();
@@ -625,9 +674,8 @@ fn terminal_quit_is_final_exits_0_and_restores_the_terminal() {
     let status = pty.wait_exit(&mut client.0);
     assert!(status.success(), "{status:?}\n{}", pty.contents());
     assert!(pty.is_canonical(), "terminal restored");
-    let rows = pty.rows();
-    assert!(rows.contains(&"<you> first".to_string()), "{rows:?}");
-    assert!(rows.contains(&"* bye".to_string()), "{rows:?}");
+    pty.wait_for_row("<you> first");
+    pty.wait_for_row("* bye");
 }
 
 /// Ctrl-C (a byte in raw mode) and SIGTERM both end the client with status 0, the terminal
