@@ -273,7 +273,8 @@ pub fn color_wanted(flag: bool, no_color_env: Option<&std::ffi::OsStr>) -> bool 
     flag && no_color_env.is_none_or(|value| value.is_empty())
 }
 
-/// Borrowed when nothing needs changing; for the plain mode's hot path.
+/// What plain mode prints: `clean`'s text, borrowed from the line when it needs no change (the
+/// common case: plain mode prints every answer to a long piped file).
 pub fn plain(line: &ServerLine) -> Cow<'_, str> {
     if line.cut {
         return Cow::Owned(clean(line));
