@@ -138,12 +138,26 @@ pub struct StoreConfig {
     pub queue_bytes: usize,
 }
 
+/// Seconds the client waits for one connection attempt (per resolved address) before giving
+/// up on it: long enough for a slow link, short enough that a dead route is reported while the
+/// user is still looking.
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: f64 = 10.0;
+
 /// What the client needs to run.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub host: String,
     pub port: u16,
     pub nick: Option<String>,
+    /// Bound on each connect, the first and every reconnect.
+    pub connect_timeout: Duration,
+    /// Terminal mode shows the local time on each line (`--no-time` turns it off).
+    pub time: bool,
+    /// Terminal mode colours names, notices and errors (`--no-color` turns it off; the client
+    /// also honours `NO_COLOR`, which is read where the client starts, not here).
+    pub color: bool,
+    /// Terminal mode reconnects when the server goes away (`--no-reconnect`: exit 1 instead).
+    pub reconnect: bool,
 }
 
 impl ServerConfig {
@@ -241,14 +255,25 @@ peerchat-client: connect to a peerchat server, print what arrives, send what you
 Usage: peerchat-client [OPTIONS]
 
 Options:
-  --host HOST    server address [default: 127.0.0.1]
-  --port PORT    server port [default: 55556]
-  --nick NAME    set this nick after connecting
-  -h, --help     print this help
-  -V, --version  print the version
+  --host HOST             server address [default: 127.0.0.1]
+  --port PORT             server port [default: 55556]
+  --nick NAME             set this nick after connecting (and again after a reconnect)
+  --connect-timeout SECS  give up on a connection attempt after this long [default: 10]
+  --no-time               terminal mode: no local time (HH:MM) before each line
+  --no-color              terminal mode: no colours (a non-empty NO_COLOR does the same)
+  --no-reconnect          terminal mode: exit 1 when the server goes away instead of
+                          reconnecting (1 s, doubling to 30 s, with jitter)
+  -h, --help              print this help
+  -V, --version           print the version
 
+When standard input and output are both terminals, incoming lines print above an input line
+that you edit (arrows, Home/End, Up/Down for earlier lines, Ctrl-A/E/U/W); your own messages
+show as <you> text (or <NICK> text once you have one). Otherwise the client is a plain line
+pipe: every input line is sent, every server line printed as it came (cleaned of control
+characters), and nothing after /quit is sent.
 Type a line and press Enter to send it; /help lists the server's commands.
-Exits 0 at end of input or after /quit, 1 when the connection fails or is lost.
+Exits 0 at end of input, after /quit or Ctrl-C, 1 when it cannot connect, or when the
+connection is lost in plain mode or with --no-reconnect.
 ";
 
 /// What the command line asked for.
@@ -460,8 +485,32 @@ pub fn parse_client_args(args: Vec<OsString>) -> Result<Parsed<ClientConfig>, Ar
     let host = optional(&mut args, "--host")?.unwrap_or_else(|| DEFAULT_HOST.to_string());
     let port = optional(&mut args, "--port")?.unwrap_or(DEFAULT_PORT);
     let nick = optional(&mut args, "--nick")?;
+    let timeout_secs = bounded(
+        &mut args,
+        "--connect-timeout",
+        DEFAULT_CONNECT_TIMEOUT_SECS,
+        0.001,
+        3600.0,
+    )?;
+    // `bounded` lets NaN through (it compares false both ways).
+    if !timeout_secs.is_finite() {
+        return Err(ArgError(
+            "--connect-timeout: not a number of seconds".to_string(),
+        ));
+    }
+    let time = !args.contains("--no-time");
+    let color = !args.contains("--no-color");
+    let reconnect = !args.contains("--no-reconnect");
     reject_leftovers(args)?;
-    Ok(Parsed::Run(ClientConfig { host, port, nick }))
+    Ok(Parsed::Run(ClientConfig {
+        host,
+        port,
+        nick,
+        connect_timeout: Duration::from_secs_f64(timeout_secs),
+        time,
+        color,
+        reconnect,
+    }))
 }
 
 /// Help wins over everything else, as in pico-args' own example.

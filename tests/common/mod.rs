@@ -6,6 +6,7 @@
 
 pub mod process;
 pub mod proxy;
+pub mod pty;
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,23 +1,26 @@
-//! The terminal client: prints what the server sends, sends what the user types.
+//! Plain mode, when standard input or output is not a terminal: a line pipe for scripts and
+//! tests. Every input line is sent as it is (nothing after `/quit`), every server line printed
+//! as it came minus its `\r\n`, cleaned and bounded (stdout may still be a terminal), with no
+//! time and no colour. When the server goes away the client exits 1; at the end of its input
+//! it half-closes and waits for the server to close, then exits 0.
 //!
-//! Plain blocking sockets and two helper threads (server reader, stdin reader) that report to
-//! the main thread over one channel, so the main thread can react to whichever ends first:
-//! the user's input (exit 0 once the server has closed our side) or the server (exit 1).
+//! Two helper threads (server reader, stdin reader) report to the main thread over one bounded
+//! channel, so the main thread reacts to whichever ends first.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread;
-use std::time::Duration;
 
+use super::connection::{self, LineReader};
+use super::display::{self, MAX_SHOWN};
 use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::protocol::{self, Command};
 
-/// TCP keepalive idle time on the client's socket: after its input ends the client waits for the
-/// server to close, however long the server takes to work through a flood-delayed file, and
-/// keepalive is what tells it the server's host is gone.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Input lines read ahead of the socket. The socket is what paces a long file (the server
+/// reads a flooding client slowly); without a bound the reader would hold all of it.
+const READ_AHEAD: usize = 64;
 
 /// What the helper threads report.
 enum Event {
@@ -33,22 +36,13 @@ enum Event {
 
 /// Connects and runs until input ends, the user quits, or the server goes away.
 pub fn run(config: &ClientConfig) -> Result<(), Error> {
-    let addr = format!("{}:{}", config.host, config.port);
-    let stream = TcpStream::connect(&addr).map_err(|source| Error::Connect {
-        addr: addr.clone(),
-        source,
-    })?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_IDLE / 3)
-        .with_retries(3);
-    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-    let (events, inbox) = mpsc::channel();
+    let stream = connection::connect(&config.host, config.port, config.connect_timeout)?;
+    let (events, inbox) = mpsc::sync_channel(READ_AHEAD);
     spawn_server_reader(stream.try_clone()?, events.clone())?;
     spawn_input_reader(events)?;
     let mut writer = stream;
     if let Some(nick) = &config.nick {
-        send_line(&mut writer, format!("/nick {nick}").as_bytes())?;
+        connection::send_line(&mut writer, format!("/nick {nick}").as_bytes())?;
     }
     converse(&mut writer, &inbox)
 }
@@ -58,10 +52,12 @@ fn converse(writer: &mut TcpStream, inbox: &Receiver<Event>) -> Result<(), Error
     loop {
         let event = inbox.recv().map_err(|_| lost(None))?;
         match event {
+            // `/quit` is final: whatever follows it in the input is not the user's to send.
+            Event::Typed(_) | Event::InputEnded if quitting => {}
             Event::Typed(line) => {
                 // The server's own parser decides what counts as /quit (e.g. "/quit now").
                 quitting = protocol::parse(&protocol::sanitize(&line)) == Command::Quit;
-                if let Err(err) = send_line(writer, &line) {
+                if let Err(err) = connection::send_line(writer, &line) {
                     return Err(lost(Some(err)));
                 }
             }
@@ -91,37 +87,28 @@ fn wait_for_close(inbox: &Receiver<Event>) -> Result<(), Error> {
     }
 }
 
-fn send_line(writer: &mut TcpStream, line: &[u8]) -> io::Result<()> {
-    let mut framed = Vec::with_capacity(line.len() + 1);
-    framed.extend_from_slice(line);
-    framed.push(b'\n');
-    writer.write_all(&framed)
-}
-
-fn lost(err: Option<io::Error>) -> Error {
+/// Why the client stops when the server goes away.
+pub fn lost(err: Option<io::Error>) -> Error {
     Error::Disconnected(match err {
         Some(err) => format!("connection lost: {err}"),
         None => "the server closed the connection".to_string(),
     })
 }
 
-/// Prints each server line as it arrives (without the `\r` telnet needs).
-fn spawn_server_reader(stream: TcpStream, events: Sender<Event>) -> io::Result<()> {
+/// Prints each server line as it arrives.
+fn spawn_server_reader(stream: TcpStream, events: SyncSender<Event>) -> io::Result<()> {
     thread::Builder::new()
         .name("server-reader".to_string())
         .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
+            let mut reader = LineReader::new(stream, MAX_SHOWN);
             let outcome = loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) => break Event::ServerGone(None),
-                    Ok(_) => {
-                        if let Err(err) = print_line(&line) {
+                match reader.next_line() {
+                    Ok(None) => break Event::ServerGone(None),
+                    Ok(Some(line)) => {
+                        if let Err(err) = print_line(&display::plain(&line)) {
                             break Event::OutputFailed(err);
                         }
                     }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                     Err(err) => break Event::ServerGone(Some(err)),
                 }
             };
@@ -130,18 +117,16 @@ fn spawn_server_reader(stream: TcpStream, events: Sender<Event>) -> io::Result<(
     Ok(())
 }
 
-/// Prints one server line without its `\r\n`, flushed so it shows at once.
-fn print_line(line: &[u8]) -> io::Result<()> {
-    let text = line.strip_suffix(b"\n").unwrap_or(line);
-    let text = text.strip_suffix(b"\r").unwrap_or(text);
+/// Prints one line, flushed so it shows at once.
+fn print_line(text: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
-    out.write_all(text)?;
+    out.write_all(text.as_bytes())?;
     out.write_all(b"\n")?;
     out.flush()
 }
 
 /// Forwards each line of standard input.
-fn spawn_input_reader(events: Sender<Event>) -> io::Result<()> {
+fn spawn_input_reader(events: SyncSender<Event>) -> io::Result<()> {
     thread::Builder::new()
         .name("input-reader".to_string())
         .spawn(move || {

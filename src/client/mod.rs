@@ -1,0 +1,97 @@
+//! The client: terminal mode when standard input and output are both terminals, else the plain
+//! line pipe that scripts and tests use.
+//!
+//! Modules, one job each:
+//! - [`plain`]: plain mode, today's pipe: lines in, lines out, exit 1 when the server goes.
+//! - [`interactive`]: terminal mode's session: input line, own messages, reconnects.
+//! - [`connection`]: connect with a timeout, bounded line reading, the reconnect backoff.
+//! - [`display`]: server text made safe and bounded; time, colours, mentions (pure).
+//! - [`identity`]: our name, learnt from the welcome and rename notices (pure).
+//! - [`keys`]: raw terminal bytes to keys (pure).
+//! - [`editor`]: the line being typed and the input history (pure).
+//! - [`screen`]: incoming lines above, the input line below, one write per batch.
+//! - [`terminal`]: raw mode and its restoring, the terminal's width.
+
+mod connection;
+mod display;
+mod editor;
+mod identity;
+mod interactive;
+mod keys;
+mod plain;
+mod screen;
+mod terminal;
+
+use time::UtcOffset;
+
+use crate::config::ClientConfig;
+use crate::error::Error;
+
+/// Connects and runs in the mode the standard streams call for.
+pub fn run(config: &ClientConfig) -> Result<(), Error> {
+    if !terminal::is_interactive() {
+        return plain::run(config);
+    }
+    // Read before any thread starts: on Unix the `time` crate refuses to read the local offset
+    // in a multi-threaded process (another thread could change the environment meanwhile).
+    let clock = config.time.then(local_offset);
+    let no_color = std::env::var_os("NO_COLOR");
+    let color = display::color_wanted(config.color, no_color.as_deref());
+    interactive::run(config, display::Painter::new(color, clock))
+}
+
+/// The local time zone's offset now, or UTC when it cannot be known.
+fn local_offset() -> UtcOffset {
+    UtcOffset::current_local_offset().unwrap_or(UtcOffset::UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::time::Duration;
+
+    use crate::config::{parse_client_args, ArgError, Parsed};
+    use crate::ClientConfig;
+
+    fn parse(args: &[&str]) -> Result<ClientConfig, ArgError> {
+        let args = args.iter().map(OsString::from).collect();
+        match parse_client_args(args)? {
+            Parsed::Run(config) => Ok(config),
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_flags_default_to_time_colour_and_reconnect() {
+        let config = parse(&[]).unwrap();
+        assert_eq!((config.host.as_str(), config.port), ("127.0.0.1", 55556));
+        assert_eq!(config.nick, None);
+        assert_eq!(config.connect_timeout, Duration::from_secs(10));
+        assert!(config.time && config.color && config.reconnect);
+    }
+
+    #[test]
+    fn client_flags_turn_each_feature_off() {
+        let config = parse(&[
+            "--no-time",
+            "--no-color",
+            "--no-reconnect",
+            "--connect-timeout",
+            "2.5",
+            "--nick",
+            "alice",
+        ])
+        .unwrap();
+        assert!(!config.time && !config.color && !config.reconnect);
+        assert_eq!(config.connect_timeout, Duration::from_millis(2500));
+        assert_eq!(config.nick.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn a_bad_connect_timeout_names_the_flag() {
+        for value in ["0", "-1", "NaN", "inf", "soon", "3601"] {
+            let err = parse(&["--connect-timeout", value]).unwrap_err();
+            assert!(err.0.starts_with("--connect-timeout: "), "{value}: {err}");
+        }
+    }
+}
