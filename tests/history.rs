@@ -227,19 +227,36 @@ fn history_and_live_stream_meet_exactly_during_traffic() {
         .collect();
     let _alice = sender.join().unwrap();
 
+    let mut joined_mid_flood = 0;
     for mut joiner in joiners {
-        let (bodies, count) = read_history(&mut joiner);
-        assert_eq!(bodies.len(), count);
-        let mut seen: Vec<usize> = bodies.iter().map(|body| number_in(body)).collect();
+        // History lines up to the end line, then live lines; a client that joined before the
+        // first message gets no history lines at all.
+        let mut seen = Vec::new();
+        let mut count = None;
         while seen.last() != Some(&399) {
             let line = joiner.line();
-            if line.starts_with('<') {
+            if let Some(end) = line.strip_prefix("* end of history (") {
+                assert_eq!(count, None, "one history block");
+                let stated: usize = end.split(' ').next().unwrap().parse().unwrap();
+                assert_eq!(stated, seen.len(), "the end line counts the lines");
+                count = Some(stated);
+            } else if line.starts_with("* [") {
+                assert_eq!(count, None, "history lines come before the end line");
+                seen.push(number_in(history_body(&line)));
+            } else if line.starts_with('<') {
+                assert!(
+                    count.is_some() || seen.is_empty(),
+                    "live chat after the history block: {line:?}"
+                );
                 seen.push(number_in(&line));
             }
         }
+        if count.is_some_and(|count| count > 0 && count < seen.len()) {
+            joined_mid_flood += 1;
+        }
         let first = seen[0];
         assert!(
-            first == 0 || count == 500,
+            first == 0 || count == Some(500),
             "history starts at the first message unless it is capped: {first}"
         );
         let expected: Vec<usize> = (first..400).collect();
