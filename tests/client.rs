@@ -153,32 +153,8 @@ fn stamped(row: &str, rest: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Plain mode
 
-/// `peerchat-client < file`: every line arrives at another client, in order, through the
-/// server's default flood control (delayed, never dropped), and the client exits 0.
-#[test]
-fn plain_mode_sends_every_line_of_a_file_in_order() {
-    const LINES: usize = 100;
-    let server = start_chat_only();
-    let mut watcher = Chat::named(server.addr, "watcher");
-    let mut client = piped_client(server.addr.port(), &["--nick", "piper"]);
-    let file: String = (1..=LINES)
-        .map(|n| format!("line {n} of the file\n"))
-        .collect();
-    let mut stdin = client.stdin.take().unwrap();
-    stdin.write_all(file.as_bytes()).unwrap();
-    drop(stdin);
-    watcher.wait_for(|line| line.ends_with(" is now piper"));
-    for n in 1..=LINES {
-        assert_eq!(watcher.line(), format!("<piper> line {n} of the file"));
-    }
-    assert_eq!(watcher.line(), "* piper left");
-    let out = run_bounded(client);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+// `peerchat-client < file` sending every line through the server's default flood control is
+// tests/binaries.rs' `client_piping_a_long_file_delivers_every_line_before_exiting`.
 
 /// `/quit` is final: lines after it in the input are never sent, and the client exits 0 on
 /// the server's close even though its input is still open.

@@ -233,21 +233,27 @@ fn history_and_live_stream_meet_exactly_during_traffic() {
         // first message gets no history lines at all.
         let mut seen = Vec::new();
         let mut count = None;
+        let mut live = 0;
         while seen.last() != Some(&399) {
             let line = joiner.line();
             if let Some(end) = line.strip_prefix("* end of history (") {
-                assert_eq!(count, None, "one history block");
+                assert_eq!(
+                    (count, live),
+                    (None, 0),
+                    "one history block, before live chat"
+                );
                 let stated: usize = end.split(' ').next().unwrap().parse().unwrap();
                 assert_eq!(stated, seen.len(), "the end line counts the lines");
                 count = Some(stated);
             } else if line.starts_with("* [") {
-                assert_eq!(count, None, "history lines come before the end line");
+                assert_eq!((count, live), (None, 0), "history lines come first");
                 seen.push(number_in(history_body(&line)));
             } else if line.starts_with('<') {
                 assert!(
-                    count.is_some() || seen.is_empty(),
-                    "live chat after the history block: {line:?}"
+                    count.is_some() || seen.len() == live,
+                    "live chat before the end of history: {line:?}"
                 );
+                live += 1;
                 seen.push(number_in(&line));
             }
         }
@@ -265,6 +271,7 @@ fn history_and_live_stream_meet_exactly_during_traffic() {
             "history then live: each message once, in order"
         );
     }
+    assert!(joined_mid_flood > 0, "no client joined during the flood");
     db.slow_inserts(None);
 }
 
