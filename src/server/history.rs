@@ -39,8 +39,8 @@ pub struct History {
     /// How long an answer may take before it is given up on.
     wait_at_most: Duration,
     next_ticket: u64,
-    /// Unanswered requests, in the order they were made: all deadlines are the same length
-    /// after their request, so the earliest is always at the front.
+    /// Deadlines of requests, in the order they were made (all are the same length after their
+    /// request, so the earliest is always at the front); answered ones are dropped when due.
     deadlines: VecDeque<(Instant, ClientRef, u64)>,
 }
 
@@ -140,8 +140,8 @@ impl History {
             let encoded = encode(lines, purpose_of(request.ticket));
             room.history_arrived(request.client, request.ticket, &encoded);
         }
-        let answered = |ticket| reply.requests.iter().any(|r| r.ticket == ticket);
-        self.deadlines.retain(|(_, _, ticket)| !answered(*ticket));
+        // Their deadlines stay queued: when due, they find nothing waiting and do nothing
+        // (cheaper than searching the queue for each answer during a reconnect storm).
     }
 
     /// Gives up on answers whose deadline has passed: the client is told, and its held output
@@ -165,7 +165,7 @@ impl History {
         }
     }
 
-    /// When the earliest unanswered request is given up on.
+    /// When the earliest deadline is due (its request may have been answered meanwhile).
     pub fn next_due(&self) -> Option<Instant> {
         self.deadlines.front().map(|(at, _, _)| *at)
     }
