@@ -229,8 +229,9 @@ Options:
   --log-level LEVEL        debug (adds a line per connection), info, warn or error
                            [default: info]
   --history-on-join N      stored messages a client gets when it joins, as notices;
-                           0 sends none [default: 20]
-  --history-max N          most stored messages one /history N shows [default: 500]
+                           0 sends none; at most --history-max [default: 20]
+  --history-max N          most stored messages one /history N shows (up to 10000)
+                           [default: 500]
   --mongo-uri URI          MongoDB to store messages in, e.g. mongodb+srv://… for Atlas
                            [default: $PEERCHAT_MONGO_URI, else mongodb://127.0.0.1:27017]
   --mongo-db NAME          database name [default: peerchat]
@@ -377,9 +378,9 @@ pub fn parse_server_args(
         "--history-on-join",
         DEFAULT_HISTORY_ON_JOIN,
         0,
-        100_000,
+        10_000,
     )?;
-    let history_max = bounded(&mut args, "--history-max", DEFAULT_HISTORY_MAX, 1, 100_000)?;
+    let history_max = bounded(&mut args, "--history-max", DEFAULT_HISTORY_MAX, 1, 10_000)?;
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
     let collection = optional(&mut args, "--mongo-collection")?;
@@ -406,11 +407,6 @@ pub fn parse_server_args(
     )?;
     let no_persist = args.contains("--no-persist");
     reject_leftovers(args)?;
-    if history_on_join > history_max {
-        return Err(ArgError(format!(
-            "--history-on-join: must be at most --history-max ({history_max})"
-        )));
-    }
     if max_output < max_line.saturating_mul(2) {
         return Err(ArgError(format!(
             "--max-output: must be at least twice --max-line ({max_line})"
@@ -461,7 +457,8 @@ pub fn parse_server_args(
         presence_interval: Duration::from_secs_f64(presence_secs),
         keepalive: (keepalive_secs > 0).then(|| Duration::from_secs(keepalive_secs)),
         log_level,
-        history_on_join,
+        // No more on join than any request may get: `--history-max 5` alone means 5 on join.
+        history_on_join: history_on_join.min(history_max),
         history_max,
         store,
     }))
@@ -683,6 +680,31 @@ mod tests {
         assert_eq!(run(server(&["--flood-rate", "0"], None)).limits.flood, None);
         let err = server(&["--flood-burst", "0"], None).unwrap_err();
         assert!(err.0.starts_with("--flood-burst"), "{err}");
+    }
+
+    #[test]
+    fn history_flags() {
+        let config = run(server(
+            &["--history-on-join", "0", "--history-max", "3"],
+            None,
+        ));
+        assert_eq!((config.history_on_join, config.history_max), (0, 3));
+        let config = run(server(&["--history-max", "5"], None));
+        assert_eq!(
+            (config.history_on_join, config.history_max),
+            (5, 5),
+            "on join is never more than any request gets"
+        );
+        let config = run(server(&["--history-on-join", "50"], None));
+        assert_eq!((config.history_on_join, config.history_max), (50, 500));
+        for bad in [
+            ["--history-max", "0"],
+            ["--history-max", "10001"],
+            ["--history-on-join", "x"],
+        ] {
+            let err = server(&bad, None).unwrap_err();
+            assert!(err.0.starts_with(bad[0]), "{err}");
+        }
     }
 
     #[test]

@@ -70,16 +70,22 @@ impl HistoryReply {
     }
 }
 
-/// How far back a query looks when nothing tells it where the last N messages begin: a short
-/// window first, then longer ones, and the whole collection last. A range on the `timestamp`
-/// index reads only the documents in it, while "sort everything, keep N" may read them all (the
-/// test database does): these probes keep a query for 20 lines from reading a million.
-const PROBE_WINDOWS_MILLIS: [i64; 4] = [
-    60 * 1000,                // a minute
-    60 * 60 * 1000,           // an hour
-    24 * 60 * 60 * 1000,      // a day
-    30 * 24 * 60 * 60 * 1000, // a month
-];
+/// A range of `timestamp` to read, `[since, until)`; `None` leaves that side open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+}
+
+/// How far back a query looks when nothing tells it where the last N messages begin: a second,
+/// then windows four times longer each, further back, until a century, then the rest. Each
+/// window is read on the `timestamp` index and only its own documents are read: "sort
+/// everything, keep N" may read the whole collection (the test database does: 5 s for 200 000
+/// documents), and so may a wide range (it sorts the whole range). Empty windows cost a
+/// millisecond or two each; a window holding many documents is the cost that remains.
+const FIRST_WINDOW_MILLIS: i64 = 1000;
+const WINDOW_GROWTH: i64 = 4;
+const LAST_WINDOW_MILLIS: i64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 /// Timestamps of the newest stored messages the persistence thread knows of, oldest first: the
 /// ones it stored itself and the ones its queries returned. The N-th newest is where a query for
@@ -89,6 +95,9 @@ const PROBE_WINDOWS_MILLIS: [i64; 4] = [
 pub struct Newest {
     timestamps: VecDeque<i64>,
     keep: usize,
+    /// A query read the collection to its end: `timestamps` holds every message stored (as far
+    /// as this thread knows), so a request for more than that reads the (small) collection.
+    all_known: bool,
 }
 
 impl Newest {
@@ -97,6 +106,7 @@ impl Newest {
         Newest {
             timestamps: VecDeque::new(),
             keep,
+            all_known: false,
         }
     }
 
@@ -108,7 +118,7 @@ impl Newest {
     /// A message known to be stored.
     pub fn note(&mut self, at_millis: i64) {
         // Messages arrive in order, so this is nearly always a push at the back; an older one
-        // (a clock step back, a query's result) goes to its place.
+        // (a clock step back) goes to its place.
         let place = self.timestamps.partition_point(|&known| known <= at_millis);
         if place == 0 && self.timestamps.len() >= self.keep {
             return; // older than everything kept
@@ -116,40 +126,62 @@ impl Newest {
         self.timestamps.insert(place, at_millis);
         if self.timestamps.len() > self.keep {
             self.timestamps.pop_front();
+            self.all_known = false;
         }
     }
 
-    /// What a query found: the newest stored messages at the time, oldest first. They include
-    /// every message this thread stored before (a query runs after the inserts queued before
-    /// it), so they replace what is known, unless fewer are known than before.
-    pub fn note_found(&mut self, lines: &[StoredLine]) {
+    /// What a query for `count` found: the newest stored messages at the time, oldest first.
+    /// They include every message this thread stored before (a query runs after the inserts
+    /// queued before it), so they replace what is known, unless fewer are known than before.
+    /// Fewer than `count` means the query read the collection to its end.
+    pub fn note_found(&mut self, lines: &[StoredLine], count: usize) {
         if lines.len() >= self.timestamps.len() {
             let skip = lines.len().saturating_sub(self.keep);
             self.timestamps = lines[skip..].iter().map(|line| line.at_millis).collect();
+            self.all_known = lines.len() < count;
         }
     }
 
-    /// Where to look for the last `count` messages, in the order to try: from the count-th
-    /// newest known timestamp if there are that many, then windows back from `now`, then
-    /// everything (`None`). The first range that holds `count` messages answers.
-    pub fn plan(&self, count: usize, now_millis: i64) -> Vec<Option<i64>> {
-        let mut plan = Vec::with_capacity(PROBE_WINDOWS_MILLIS.len() + 2);
-        if let Some(&bound) = self
+    /// Where to look for the last `count` messages: ranges of `timestamp` to read newest first
+    /// until `count` are found. From the count-th newest known timestamp if there are that many,
+    /// else from `now`: that range, then windows further back, then everything older.
+    pub fn plan(&self, count: usize, now_millis: i64) -> Vec<Slice> {
+        let whole = Slice {
+            since: None,
+            until: None,
+        };
+        let known_bound = self
             .timestamps
             .len()
             .checked_sub(count)
-            .and_then(|index| self.timestamps.get(index))
-        {
-            plan.push(Some(bound));
+            .and_then(|index| self.timestamps.get(index).copied());
+        if known_bound.is_none() && self.all_known {
+            return vec![whole];
         }
-        for window in PROBE_WINDOWS_MILLIS {
-            let since = now_millis.saturating_sub(window);
-            // Only a range wider than the one before can find more.
-            if plan.last().is_none_or(|&last| Some(since) < last) {
-                plan.push(Some(since));
+        let from = known_bound.unwrap_or(now_millis);
+        let mut plan = Vec::new();
+        let mut until = None;
+        if known_bound.is_some() {
+            plan.push(Slice {
+                since: Some(from),
+                until: None,
+            });
+            until = Some(from);
+        }
+        let mut window = FIRST_WINDOW_MILLIS;
+        loop {
+            let since = from.saturating_sub(window);
+            plan.push(Slice {
+                since: Some(since),
+                until,
+            });
+            until = Some(since);
+            if window >= LAST_WINDOW_MILLIS {
+                break;
             }
+            window = window.saturating_mul(WINDOW_GROWTH);
         }
-        plan.push(None);
+        plan.push(Slice { since: None, until });
         plan
     }
 }
@@ -181,42 +213,90 @@ mod tests {
         assert_eq!(times(0), Vec::<i64>::new());
     }
 
-    #[test]
-    fn a_known_bound_comes_first_then_wider_windows_then_everything() {
-        let now = 10_000_000_000;
-        let mut newest = Newest::new(3);
-        assert_eq!(
-            newest.plan(2, now),
-            [
-                Some(now - 60_000),
-                Some(now - 3_600_000),
-                Some(now - 86_400_000),
-                Some(now - 2_592_000_000),
-                None
-            ]
-        );
-        for at in [now - 30, now - 20, now - 10, now - 5] {
-            newest.note(at);
-        }
-        assert_eq!(newest.plan(2, now)[0], Some(now - 10), "the 2nd newest");
-        assert_eq!(newest.plan(3, now)[0], Some(now - 20), "only 3 are kept");
-        assert_eq!(newest.plan(4, now)[0], Some(now - 60_000), "not known");
+    fn since(plan: &[Slice]) -> Vec<Option<i64>> {
+        plan.iter().map(|slice| slice.since).collect()
     }
 
     #[test]
-    fn windows_narrower_than_the_known_bound_are_skipped() {
+    fn without_a_bound_windows_reach_back_from_now_without_overlapping() {
         let now = 10_000_000_000;
-        let mut newest = Newest::new(5);
-        newest.note(now - 7_200_000); // two hours ago
-        let plan = newest.plan(1, now);
+        let plan = Newest::new(3).plan(2, now);
         assert_eq!(
-            plan,
+            plan[..3],
             [
-                Some(now - 7_200_000),
-                Some(now - 86_400_000),
-                Some(now - 2_592_000_000),
-                None
+                Slice {
+                    since: Some(now - 1000),
+                    until: None
+                },
+                Slice {
+                    since: Some(now - 4000),
+                    until: Some(now - 1000)
+                },
+                Slice {
+                    since: Some(now - 16_000),
+                    until: Some(now - 4000)
+                },
             ]
+        );
+        for pair in plan.windows(2) {
+            assert_eq!(pair[1].until, pair[0].since, "adjacent, not overlapping");
+        }
+        let last = plan.last().unwrap();
+        assert_eq!(last.since, None, "everything older comes last");
+        assert!(plan.len() < 25, "{} slices", plan.len());
+    }
+
+    #[test]
+    fn a_known_bound_comes_first() {
+        let now = 10_000_000_000;
+        let mut newest = Newest::new(3);
+        for at in [now - 30, now - 20, now - 10, now - 5] {
+            newest.note(at);
+        }
+        let plan = newest.plan(2, now);
+        assert_eq!(
+            plan[0],
+            Slice {
+                since: Some(now - 10),
+                until: None
+            },
+            "the 2nd newest"
+        );
+        assert_eq!(plan[1].until, Some(now - 10), "then further back from it");
+        assert_eq!(
+            since(&newest.plan(3, now))[0],
+            Some(now - 20),
+            "only 3 kept"
+        );
+        assert_eq!(
+            since(&newest.plan(4, now))[0],
+            Some(now - 1000),
+            "not known"
+        );
+    }
+
+    #[test]
+    fn a_collection_read_to_its_end_is_read_whole_while_it_is_small() {
+        let mut newest = Newest::new(0);
+        newest.keep_at_least(20);
+        newest.note_found(&[line(1), line(2)], 20);
+        let whole = Slice {
+            since: None,
+            until: None,
+        };
+        assert_eq!(newest.plan(20, 100), [whole]);
+        assert_eq!(
+            since(&newest.plan(2, 100))[0],
+            Some(1),
+            "as many as known: a bound"
+        );
+        for at in 3..30 {
+            newest.note(at);
+        }
+        assert_ne!(
+            newest.plan(20, 100),
+            [whole],
+            "no longer all known once some were let go"
         );
     }
 
@@ -228,9 +308,9 @@ mod tests {
         newest.note(20); // a clock step back
         newest.note(5); // older than all three kept: ignored
         assert_eq!(newest.timestamps, [10, 20, 30]);
-        newest.note_found(&[line(25), line(40)]);
+        newest.note_found(&[line(25), line(40)], 2);
         assert_eq!(newest.timestamps, [10, 20, 30], "fewer than known: kept");
-        newest.note_found(&[line(1), line(25), line(35), line(40)]);
+        newest.note_found(&[line(1), line(25), line(35), line(40)], 4);
         assert_eq!(
             newest.timestamps,
             [25, 35, 40],

@@ -43,7 +43,8 @@ use crate::{error, info, warn};
 use history::Newest;
 pub use history::{HistoryReply, HistoryRequest, StoredLine, ACTION_KIND};
 pub use store::{redact_uri, write_concern, Store};
-use watchdog::{Inserter, BATCH_DEADLINE_FACTOR};
+use store::{CONNECTION_LOST, MAY_STILL_BE_SAVED, UNREACHABLE};
+use watchdog::{Inserter, BATCH_DEADLINE_FACTOR, NOT_RESPONDING};
 
 /// Most documents in one `insert_many`: large enough to amortise a round trip, small enough
 /// that one batch stays far below MongoDB's 48 MB message limit at the longest lines.
@@ -456,6 +457,8 @@ fn run(
 ) {
     let mut thread = PersistThread {
         deadline: config.timeout * BATCH_DEADLINE_FACTOR,
+        reader: Inserter::for_reads(config.clone()),
+        history_paused_until: None,
         inserter: Inserter::new(config),
         health: Health::default(),
         newest: Newest::new(0),
@@ -483,6 +486,11 @@ struct PersistThread<'a> {
     /// How long one batch or query may take before its driver client is given up on.
     deadline: Duration,
     inserter: Inserter,
+    /// History queries run on clients of their own (see `Inserter::for_reads`).
+    reader: Inserter,
+    /// After a query the database did not answer in time, history is refused at once until
+    /// then: each such query holds up saving for its whole deadline.
+    history_paused_until: Option<Instant>,
     health: Health,
     /// Where history queries start their index range.
     newest: Newest,
@@ -536,11 +544,13 @@ impl PersistThread<'_> {
         let failures = self.inserter.save(batch, self.deadline);
         self.health.note(batch.len(), &failures);
         let count = batch.len();
-        // Only for requests already waiting: a later one asks the database again.
+        // Only for requests already waiting (a later one asks the database again), and only
+        // when the database could not be reached: a refused insert says nothing about reads.
         let asked = self.shared.history_queued.load(Ordering::Acquire) > 0;
-        self.last_failure = (asked && failures.len() == count)
-            .then(|| failures.first().map(|(_, reason)| reason.clone()))
-            .flatten();
+        self.last_failure = failures
+            .first()
+            .filter(|_| asked && failures.len() == count)
+            .and_then(|(_, reason)| unreachable_reason(reason));
         for record in saved(batch, &failures) {
             self.newest.note(record.accepted_millis);
         }
@@ -587,8 +597,12 @@ impl PersistThread<'_> {
             .map(|request| request.count)
             .max()
             .unwrap_or(0);
+        let paused = self
+            .history_paused_until
+            .is_some_and(|until| Instant::now() < until);
         let lines = match self.last_failure.take() {
             Some(reason) => Err(reason),
+            None if paused => Err(NOT_RESPONDING.to_string()),
             None => self.read_last(count),
         };
         self.shared
@@ -603,10 +617,34 @@ impl PersistThread<'_> {
     fn read_last(&mut self, count: usize) -> Result<Arc<[StoredLine]>, String> {
         self.newest.keep_at_least(count);
         let plan = self.newest.plan(count, DateTime::now().timestamp_millis());
-        let lines = self.inserter.last_messages(count, plan, self.deadline)?;
-        self.newest.note_found(&lines);
+        let lines = self
+            .reader
+            .last_messages(count, plan, self.deadline)
+            .inspect_err(|reason| {
+                if reason.as_str() == NOT_RESPONDING {
+                    self.history_paused_until = Some(Instant::now() + HISTORY_PAUSE);
+                    warn!(
+                        "a history query took over {:?}; history is refused for {HISTORY_PAUSE:?} so that saving goes on",
+                        self.deadline
+                    );
+                }
+            })?;
+        self.newest.note_found(&lines, count);
         Ok(lines.into())
     }
+}
+
+/// How long history is refused after a query the database did not answer in time.
+const HISTORY_PAUSE: Duration = Duration::from_secs(30);
+
+/// The reason a whole batch failed, if it means the database could not be reached (without
+/// the "it may still be saved" part, which is about the batch): a history request queued
+/// behind it would only wait for the same answer.
+fn unreachable_reason(reason: &str) -> Option<String> {
+    let reason = reason.strip_suffix(MAY_STILL_BE_SAVED).unwrap_or(reason);
+    [UNREACHABLE, CONNECTION_LOST, NOT_RESPONDING]
+        .contains(&reason)
+        .then(|| reason.to_string())
 }
 
 /// The records of `batch` stored, given the (unchecked) indexes of those that failed.

@@ -11,12 +11,16 @@ use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::history::StoredLine;
+use super::history::{Slice, StoredLine};
 use crate::config::StoreConfig;
 use crate::{info, warn};
 
 /// Added to the reason when a batch may have been stored although no reply said so.
 pub(super) const MAY_STILL_BE_SAVED: &str = "; it may still be saved";
+
+/// Why a call failed when no server could be selected, or the connection broke.
+pub(super) const UNREACHABLE: &str = "database unreachable";
+pub(super) const CONNECTION_LOST: &str = "database connection lost";
 
 /// MongoDB's duplicate key error: the document with this `_id` is already stored.
 const DUPLICATE_KEY: i32 = 11000;
@@ -90,20 +94,22 @@ impl Store {
         failures
     }
 
-    /// The last `count` stored messages, oldest first. Tries the ranges of `plan` (see
-    /// `history::Newest::plan`) in order until one holds `count` messages; its last, `None`, is
-    /// the whole collection. Returns the reason to show when the database cannot answer.
+    /// The last `count` stored messages, oldest first: reads the ranges of `plan` (see
+    /// `history::Newest::plan`), newest first, until `count` are found. Returns the reason to
+    /// show when the database cannot answer.
     pub async fn last_messages(
         &mut self,
         count: usize,
-        plan: &[Option<i64>],
+        plan: &[Slice],
     ) -> Result<Vec<StoredLine>, String> {
         let mut found = Vec::new();
-        for &since in plan {
-            found = self
-                .newest_since(count, since)
+        for slice in plan {
+            let wanted = count - found.len();
+            let mut newest = self
+                .newest_in(wanted, *slice)
                 .await
                 .map_err(|err| describe(&err))?;
+            found.append(&mut newest);
             if found.len() >= count {
                 break;
             }
@@ -112,17 +118,21 @@ impl Store {
         Ok(found)
     }
 
-    /// Up to `count` messages stored at or after `since` (all of them for `None`), newest first,
-    /// in the `(timestamp, _id)` order of the index.
-    async fn newest_since(
-        &mut self,
-        count: usize,
-        since: Option<i64>,
-    ) -> Result<Vec<StoredLine>, DbError> {
-        let filter = match since {
-            Some(millis) => doc! { "timestamp": { "$gte": bson::DateTime::from_millis(millis) } },
-            None => doc! {},
+    /// Up to `count` messages of `slice`, newest first, in the `(timestamp, _id)` order of the
+    /// index.
+    async fn newest_in(&mut self, count: usize, slice: Slice) -> Result<Vec<StoredLine>, DbError> {
+        let mut range = doc! {};
+        if let Some(since) = slice.since {
+            range.insert("$gte", bson::DateTime::from_millis(since));
+        }
+        if let Some(until) = slice.until {
+            range.insert("$lt", bson::DateTime::from_millis(until));
+        }
+        let filter = match range.is_empty() {
+            true => doc! {},
+            false => doc! { "timestamp": range },
         };
+        let max_time = self.config.timeout;
         let collection = self.collection().await?;
         let mut cursor = collection
             .find(filter)
@@ -130,6 +140,9 @@ impl Store {
             .limit(i64::try_from(count).unwrap_or(i64::MAX))
             // All of them in the first reply: one round trip.
             .batch_size(u32::try_from(count).unwrap_or(u32::MAX))
+            // The database stops a query that would run long, rather than the watchdog
+            // giving up on the connection.
+            .max_time(max_time)
             .projection(doc! { "_id": 0, "timestamp": 1, "nick": 1, "content": 1, "kind": 1 })
             .await?;
         let mut lines = Vec::with_capacity(count.min(1024));
@@ -265,10 +278,8 @@ fn failed_indexes(err: &DbError, batch_len: usize) -> Vec<(usize, String)> {
 /// A short reason for a sender or the log.
 fn describe(err: &DbError) -> String {
     match &*err.kind {
-        ErrorKind::ServerSelection { .. } => "database unreachable".to_string(),
-        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => {
-            "database connection lost".to_string()
-        }
+        ErrorKind::ServerSelection { .. } => UNREACHABLE.to_string(),
+        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => CONNECTION_LOST.to_string(),
         ErrorKind::Command(command) => {
             format!("database error {} {}", command.code, command.code_name)
         }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc as job_channel;
 
-use super::history::StoredLine;
+use super::history::{Slice, StoredLine};
 use super::store::{Store, MAY_STILL_BE_SAVED};
 use super::{Batch, Record};
 use crate::config::StoreConfig;
@@ -40,7 +40,7 @@ pub const MAX_ABANDONED: usize = 4;
 
 /// Why a batch was given up on by the watchdog, or never sent because every client allowed is
 /// waiting for a database that does not answer.
-const NOT_RESPONDING: &str = "database not responding";
+pub(super) const NOT_RESPONDING: &str = "database not responding";
 
 /// Why a batch failed when the thread running its driver calls died (a panic).
 const WORKER_FAILED: &str = "storage error";
@@ -56,7 +56,7 @@ pub trait Saver: Send + 'static {
     fn last_messages(
         &mut self,
         count: usize,
-        plan: &[Option<i64>],
+        plan: &[Slice],
     ) -> impl Future<Output = Result<Vec<StoredLine>, String>>;
 }
 
@@ -72,7 +72,7 @@ impl Saver for Store {
     fn last_messages(
         &mut self,
         count: usize,
-        plan: &[Option<i64>],
+        plan: &[Slice],
     ) -> impl Future<Output = Result<Vec<StoredLine>, String>> {
         Store::last_messages(self, count, plan)
     }
@@ -81,10 +81,7 @@ impl Saver for Store {
 /// A driver call for a worker.
 enum Job {
     Save(Batch),
-    History {
-        count: usize,
-        plan: Vec<Option<i64>>,
-    },
+    History { count: usize, plan: Vec<Slice> },
 }
 
 /// What a worker hands back.
@@ -135,9 +132,24 @@ struct Worker {
 struct Dead(Option<Job>);
 
 impl Inserter {
-    /// An inserter storing with `config`; each worker gets a new `Store`, so a new client.
+    /// An inserter storing with `config`; each worker gets a new `Store`, so a new client. Its
+    /// first worker connects and prepares the collection at once.
     pub fn new(config: StoreConfig) -> Inserter {
         Inserter::with_savers(Box::new(move || Store::new(config.clone())))
+    }
+
+    /// The same for history queries only, with clients of its own: a query the watchdog gives
+    /// up on then never costs saving a client (or, at the cap, saving itself). It leaves the
+    /// collection to the saving side and connects on its first query.
+    pub fn for_reads(config: StoreConfig) -> Inserter {
+        let make_saver: MakeSaver<Store> = Box::new(move || Store::new(config.clone()));
+        Inserter {
+            make_saver,
+            current: None,
+            abandoned: Vec::new(),
+            started: 1, // so no worker of this one prepares the collection
+            at_cap: false,
+        }
     }
 }
 
@@ -175,7 +187,7 @@ impl<S: Saver> Inserter<S> {
     pub fn last_messages(
         &mut self,
         count: usize,
-        plan: Vec<Option<i64>>,
+        plan: Vec<Slice>,
         deadline: Duration,
     ) -> Result<Vec<StoredLine>, String> {
         match self.call(Job::History { count, plan }, deadline) {
@@ -429,7 +441,7 @@ mod tests {
         async fn last_messages(
             &mut self,
             count: usize,
-            _plan: &[Option<i64>],
+            _plan: &[Slice],
         ) -> Result<Vec<StoredLine>, String> {
             self.save(&[]).await;
             let line = |at_millis| StoredLine {
@@ -541,9 +553,9 @@ mod tests {
     fn a_hung_history_query_is_given_up_on_and_the_next_goes_to_a_new_worker() {
         let (release, hang) = mpsc::channel();
         let (mut inserter, started) = inserter(vec![Behaviour::Hang(hang)]);
-        let hung = inserter.last_messages(3, vec![None], SHORT);
+        let hung = inserter.last_messages(3, Vec::new(), SHORT);
         assert_eq!(hung.unwrap_err(), "database not responding");
-        let answered = inserter.last_messages(3, vec![None], DEADLINE);
+        let answered = inserter.last_messages(3, Vec::new(), DEADLINE);
         assert_eq!(answered.unwrap().len(), 3, "new worker");
         assert_eq!(*started.lock().unwrap(), 2);
         assert_eq!(inserter.waiting(), 1);

@@ -256,6 +256,9 @@ pub struct Connection {
     history_waits: VecDeque<HistoryWait>,
     /// Bytes held in `history_waits`; they count against the output limit.
     held_output: usize,
+    /// `/history` requests not answered yet: their answers join the output when they come,
+    /// and nothing waits for them.
+    answers_due: Vec<u64>,
     /// Sent or received something since the last idle sweep: keep its buffers for reuse.
     active_since_sweep: bool,
 }
@@ -295,6 +298,7 @@ impl Connection {
             flush_scheduled: false,
             history_waits: VecDeque::new(),
             held_output: 0,
+            answers_due: Vec::new(),
             active_since_sweep: false,
         })
     }
@@ -328,6 +332,7 @@ impl Connection {
             self.output.push(&wait.held);
         }
         self.held_output = 0;
+        self.answers_due.clear();
         self.closing = Some(reason);
         true
     }
@@ -489,9 +494,13 @@ impl Connection {
         true
     }
 
-    /// From now on, output waits behind a history request until its answer (`history_arrived`)
-    /// or until it is given up on.
-    pub fn wait_for_history(&mut self, ticket: u64) {
+    /// Notes a history request. With `hold`, output from now on waits behind it until its
+    /// answer (`history_arrived`) or until it is given up on; without, the answer joins the
+    /// output whenever it comes.
+    pub fn wait_for_history(&mut self, ticket: u64, hold: bool) {
+        if !hold {
+            return self.answers_due.push(ticket);
+        }
         self.history_waits.push_back(HistoryWait {
             ticket,
             held: Vec::new(),
@@ -507,6 +516,10 @@ impl Connection {
         lines: &[u8],
         max_output: usize,
     ) -> Option<bool> {
+        if let Some(due) = self.answers_due.iter().position(|&t| t == ticket) {
+            self.answers_due.swap_remove(due);
+            return Some(self.queue(lines, max_output));
+        }
         let index = self
             .history_waits
             .iter()

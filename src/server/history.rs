@@ -121,7 +121,9 @@ impl History {
         match persister.request_history(request) {
             Ok(()) => {
                 if let Some(conn) = room.get_mut(slot) {
-                    conn.wait_for_history(ticket);
+                    // A joiner's live chat waits for its history (it must come first); the
+                    // answer to `/history` joins the output whenever it comes.
+                    conn.wait_for_history(ticket, purpose == Purpose::Join);
                 }
                 self.deadlines
                     .push_back((now + self.wait_at_most, client, ticket));
@@ -130,15 +132,28 @@ impl History {
         }
     }
 
-    /// Places an answer in the output of each client it is for that still waits for it.
+    /// Places an answer in the output of each client it is for that still waits for it. The
+    /// lines are encoded once per count asked for, not once per client (a reconnect storm's
+    /// joiners share an answer).
     pub fn answer(&mut self, room: &mut Room, reply: HistoryReply) {
+        let max_bytes = room.limits().max_output / 2;
+        let mut encoded: Vec<(usize, Purpose, Vec<u8>)> = Vec::new();
         for request in &reply.requests {
-            let lines = match &reply.lines {
-                Ok(lines) => Ok(HistoryReply::lines_for(lines, request.count)),
-                Err(reason) => Err(reason.as_str()),
+            let purpose = purpose_of(request.ticket);
+            let same = |(count, of, _): &&(usize, Purpose, Vec<u8>)| {
+                (*count, *of) == (request.count, purpose)
             };
-            let encoded = encode(lines, purpose_of(request.ticket));
-            room.history_arrived(request.client, request.ticket, &encoded);
+            if !encoded.iter().any(|entry| same(&entry)) {
+                let lines = match &reply.lines {
+                    Ok(lines) => Ok(HistoryReply::lines_for(lines, request.count)),
+                    Err(reason) => Err(reason.as_str()),
+                };
+                encoded.push((request.count, purpose, encode(lines, purpose, max_bytes)));
+            }
+            let Some((_, _, bytes)) = encoded.iter().find(same) else {
+                continue;
+            };
+            room.history_arrived(request.client, request.ticket, bytes);
         }
         // Their deadlines stay queued: when due, they find nothing waiting and do nothing
         // (cheaper than searching the queue for each answer during a reconnect storm).
@@ -152,7 +167,7 @@ impl History {
                 return;
             }
             self.deadlines.pop_front();
-            let encoded = encode(Err(TOO_SLOW), purpose_of(ticket));
+            let encoded = encode(Err(TOO_SLOW), purpose_of(ticket), usize::MAX);
             room.history_arrived(client, ticket, &encoded);
         }
     }
@@ -160,7 +175,7 @@ impl History {
     /// Gives up on every answer at once (the server is stopping): held output flows.
     pub fn give_up_all(&mut self, room: &mut Room, reason: &str) {
         for (_, client, ticket) in std::mem::take(&mut self.deadlines) {
-            let encoded = encode(Err(reason), purpose_of(ticket));
+            let encoded = encode(Err(reason), purpose_of(ticket), usize::MAX);
             room.history_arrived(client, ticket, &encoded);
         }
     }
@@ -180,23 +195,40 @@ fn purpose_of(ticket: u64) -> Purpose {
 }
 
 /// The lines of an answer: one notice per message, oldest first, then the end line (none at
-/// all for a join with no history), or the error.
-fn encode(lines: Result<&[StoredLine], &str>, purpose: Purpose) -> Vec<u8> {
-    let mut out = Vec::new();
-    match lines {
-        Ok([]) if purpose == Purpose::Join => {}
-        Ok(lines) => {
-            for line in lines {
-                // Stored text is shown to terminals again: whatever wrote it, clean it again.
-                let nick = protocol::sanitize(line.nick.as_bytes());
-                let text = protocol::sanitize(line.text.as_bytes());
-                let shown = protocol::history_line(line.at_millis, &nick, &text, line.action);
-                protocol::write_notice(&mut out, &shown);
-            }
-            protocol::write_notice(&mut out, &protocol::end_of_history(lines.len()));
+/// all for a join with no history), or the error. An answer is at most `max_bytes` (half of
+/// `--max-output`, so a reader is never cut off for what it asked for): the oldest lines that
+/// do not fit are left out, and the end line counts what was sent.
+fn encode(lines: Result<&[StoredLine], &str>, purpose: Purpose, max_bytes: usize) -> Vec<u8> {
+    let lines = match lines {
+        Ok([]) if purpose == Purpose::Join => return Vec::new(),
+        Ok(lines) => lines,
+        Err(reason) => {
+            let mut out = Vec::new();
+            protocol::write_error(&mut out, &protocol::history_unavailable(reason));
+            return out;
         }
-        Err(reason) => protocol::write_error(&mut out, &protocol::history_unavailable(reason)),
+    };
+    // Newest first, so the lines left out for size are the oldest.
+    let mut encoded: Vec<Vec<u8>> = Vec::new();
+    let mut total = protocol::end_of_history(lines.len()).len() + 4;
+    for line in lines.iter().rev() {
+        // Stored text is shown to terminals again: whatever wrote it, clean it again.
+        let nick = protocol::sanitize(line.nick.as_bytes());
+        let text = protocol::sanitize(line.text.as_bytes());
+        let mut one = Vec::new();
+        let shown = protocol::history_line(line.at_millis, &nick, &text, line.action);
+        protocol::write_notice(&mut one, &shown);
+        total += one.len();
+        if total > max_bytes {
+            break;
+        }
+        encoded.push(one);
     }
+    let mut out = Vec::with_capacity(total);
+    for one in encoded.iter().rev() {
+        out.extend_from_slice(one);
+    }
+    protocol::write_notice(&mut out, &protocol::end_of_history(encoded.len()));
     out
 }
 
@@ -219,7 +251,7 @@ mod tests {
             stored(1_764_000_000_000, "alice", "hi", false),
             stored(1_764_000_001_500, "bob", "waves", true),
         ];
-        let text = String::from_utf8(encode(Ok(&lines), Purpose::Join)).unwrap();
+        let text = String::from_utf8(encode(Ok(&lines), Purpose::Join, usize::MAX)).unwrap();
         assert_eq!(
             text,
             "* [2025-11-24T16:00:00Z] <alice> hi\r\n\
@@ -230,21 +262,42 @@ mod tests {
 
     #[test]
     fn no_history_is_silent_on_join_and_said_for_the_command() {
-        assert!(encode(Ok(&[]), Purpose::Join).is_empty());
+        assert!(encode(Ok(&[]), Purpose::Join, usize::MAX).is_empty());
         assert_eq!(
-            encode(Ok(&[]), Purpose::Command),
+            encode(Ok(&[]), Purpose::Command, usize::MAX),
             b"* end of history (0 messages)\r\n"
         );
         assert_eq!(
-            encode(Err("database unreachable"), Purpose::Join),
+            encode(Err("database unreachable"), Purpose::Join, usize::MAX),
             b"! history unavailable: database unreachable\r\n"
         );
     }
 
     #[test]
+    fn an_answer_too_big_for_the_output_limit_keeps_its_newest_lines() {
+        let lines: Vec<StoredLine> = (0..10)
+            .map(|n| stored(0, "a", &format!("{n}{}", "x".repeat(99)), false))
+            .collect();
+        let whole = encode(Ok(&lines), Purpose::Command, usize::MAX);
+        let cut = encode(Ok(&lines), Purpose::Command, whole.len() / 2);
+        assert!(cut.len() <= whole.len() / 2);
+        let text = String::from_utf8(cut).unwrap();
+        let shown: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            shown.last(),
+            Some(&format!("* end of history ({} messages)", shown.len() - 1).as_str())
+        );
+        assert!(
+            shown[shown.len() - 2].contains("> 9x"),
+            "the newest is kept: {text}"
+        );
+        assert!(shown.len() > 2 && shown.len() < 11, "{text}");
+    }
+
+    #[test]
     fn stored_text_is_cleaned_again() {
         let lines = [stored(0, "x\u{1b}[2J", "a\u{1b}]0;t\u{7}b", false)];
-        let text = String::from_utf8(encode(Ok(&lines), Purpose::Command)).unwrap();
+        let text = String::from_utf8(encode(Ok(&lines), Purpose::Command, usize::MAX)).unwrap();
         assert!(
             text.starts_with("* [1970-01-01T00:00:00Z] <x> ab\r\n"),
             "{text:?}"
