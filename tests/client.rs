@@ -189,6 +189,7 @@ const HOSTILE: &[&[u8]] = &[
     b"<eve> c1 \xc2\x9b31mcsi and \x9b raw\r\n",
     b"<eve> bidi \xe2\x80\xaecba\r\n",
     b"* bell\x07 and del\x7f\r\n",
+    b"<eve> tab\there\t\tand there\r\n",
     b"<eve> end of part one\r\n",
 ];
 
@@ -202,6 +203,7 @@ const HOSTILE_SHOWN: &[&str] = &[
     "<eve> c1 csi and \u{fffd} raw",
     "<eve> bidi cba",
     "* bell and del",
+    "<eve> tab here  and there",
     "<eve> end of part one",
 ];
 
@@ -218,7 +220,7 @@ fn overlong_line() -> Vec<u8> {
 /// Sequences that must never reach the terminal. The client's own colours are fine, so this
 /// lists the hostile ones, not every escape.
 fn assert_nothing_hostile(output: &[u8]) {
-    let forbidden: [(&[u8], &str); 7] = [
+    let forbidden: [(&[u8], &str); 8] = [
         (b"pwned", "the OSC title text"),
         (b"\x1b]", "an OSC sequence"),
         (b"\x1b[2J", "clear screen"),
@@ -226,6 +228,7 @@ fn assert_nothing_hostile(output: &[u8]) {
         (b"\x08", "backspace"),
         (b"\x07", "bell / OSC end"),
         (b"\x9b", "a C1 CSI byte"),
+        (b"\t", "a TAB (shown as a space)"),
     ];
     for (bytes, what) in forbidden {
         assert!(

@@ -34,14 +34,24 @@ const NICK_COLORS: [&str; 9] = [
 ];
 
 /// A server line made safe to print: escape sequences and control characters removed
-/// (`protocol::sanitize`, the same rules the server applies to what clients send), at most
-/// `MAX_SHOWN` bytes, `…` where it was cut.
+/// (`protocol::sanitize`, the same rules the server applies to what clients send), TAB shown
+/// as a space, at most `MAX_SHOWN` bytes, `…` where it was cut.
 pub fn clean(line: &ServerLine) -> String {
     let mut bytes = line.bytes.as_slice();
     if line.cut {
         bytes = without_partial_char(bytes);
     }
-    bound(protocol::sanitize(bytes).into_owned(), line.cut)
+    bound(safe(bytes).into_owned(), line.cut)
+}
+
+/// `protocol::sanitize`, plus TAB (the one control it keeps) as a space: no control character
+/// from the server reaches the terminal, and a TAB would move the cursor to a tab stop the
+/// client does not know about. Same length, so bounds still hold.
+fn safe(bytes: &[u8]) -> Cow<'_, str> {
+    match protocol::sanitize(bytes) {
+        text if text.contains('\t') => Cow::Owned(text.replace('\t', " ")),
+        text => text,
+    }
 }
 
 /// Drops a UTF-8 sequence that the cut split, which would otherwise show as U+FFFD.
@@ -279,7 +289,7 @@ pub fn plain(line: &ServerLine) -> Cow<'_, str> {
     if line.cut {
         return Cow::Owned(clean(line));
     }
-    match protocol::sanitize(&line.bytes) {
+    match safe(&line.bytes) {
         Cow::Borrowed(text) if text.len() <= MAX_SHOWN => Cow::Borrowed(text),
         text => Cow::Owned(bound(text.into_owned(), false)),
     }
@@ -325,6 +335,16 @@ mod tests {
         let shown = clean(&invalid);
         assert!(shown.len() <= MAX_SHOWN, "{}", shown.len());
         assert!(shown.ends_with('\u{2026}'));
+    }
+
+    #[test]
+    fn tabs_from_the_server_show_as_spaces() {
+        let line = server_line(b"<eve> a\tb\t\tc\x1b[2J\t", false);
+        assert_eq!(clean(&line), "<eve> a b  c ");
+        assert_eq!(plain(&line), "<eve> a b  c ");
+        let cut = server_line(b"<eve>\tx", true);
+        assert_eq!(clean(&cut), "<eve> x\u{2026}");
+        assert!(!plain(&server_line(b"\t\t", false)).contains('\t'));
     }
 
     #[test]
