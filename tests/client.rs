@@ -476,7 +476,8 @@ fn terminal_line_editing_keys_edit_what_is_sent() {
 }
 
 /// The time on each line, names in colour, notices dim, errors red, our nick highlighted when
-/// someone mentions it, our own messages and actions under our nick.
+/// someone mentions it, our own messages and actions as `<you> …` and `* you …` even with a
+/// nick (the others see them under the nick).
 #[test]
 fn terminal_shows_time_colours_mentions_and_own_lines() {
     let server = start_chat_only();
@@ -515,12 +516,16 @@ fn terminal_shows_time_colours_mentions_and_own_lines() {
     assert_eq!(bob.line(), "<alice> hey bob");
     pty.type_keys(b"/me waves\r/bogus\r");
     pty.wait_for_text("unknown command");
+    assert_eq!(bob.line(), "* alice waves");
     let rows = pty.rows();
+    assert!(rows.iter().any(|r| stamped(r, "<you> hey bob")), "{rows:?}");
+    assert!(rows.iter().any(|r| stamped(r, "* you waves")), "{rows:?}");
     assert!(
-        rows.iter().any(|r| stamped(r, "<alice> hey bob")),
+        !rows
+            .iter()
+            .any(|r| r.ends_with("<alice> hey bob") || r.ends_with("* alice waves")),
         "{rows:?}"
     );
-    assert!(rows.iter().any(|r| stamped(r, "* alice waves")), "{rows:?}");
     let notice = rows
         .iter()
         .position(|r| r.ends_with("is now alice"))
@@ -571,7 +576,7 @@ fn terminal_no_color_flag_and_variable_turn_colours_off() {
         pty.wait_for_text("<bob> carol: ping");
         pty.type_keys(b"pong\x1b[Dg\r");
         assert_eq!(bob.wait_for(|l| l.starts_with("<carol>")), "<carol> pongg");
-        pty.wait_for_text("<carol> pongg");
+        pty.wait_for_text("<you> pongg");
         assert!(
             !has_sgr(pty.raw()),
             "{flags:?} {no_color:?}: colour written"
@@ -709,6 +714,7 @@ fn terminal_reconnects_after_a_server_restart_and_restores_the_nick() {
     assert!(who.contains("alice"), "{who}");
     pty.type_keys(b"back again\r");
     bob.wait_for(|line| line == "<alice> back again");
+    pty.wait_for_row("<you> back again");
 }
 
 /// With `--no-reconnect` terminal mode exits 1 like plain mode, says why, and restores the

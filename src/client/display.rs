@@ -1,6 +1,7 @@
 //! What a line looks like on the user's screen: server text made safe and bounded (both modes),
 //! and in terminal mode the time, colours per nick, notices and errors set apart, mentions of
-//! our nick highlighted, and our own messages echoed (the server does not echo them).
+//! our nick highlighted, and our own messages echoed as `<you> …` (the server does not echo
+//! them).
 //!
 //! Pure: no terminal, no clock except in `Painter::stamp`, so every rule is unit-tested.
 
@@ -15,6 +16,9 @@ use crate::protocol::{self, Command};
 /// scrollback or the client's memory. Far above the server's default `--max-line` (4096) plus
 /// a name, so no real chat line is ever cut.
 pub const MAX_SHOWN: usize = 8 * 1024;
+
+/// The name our own lines show under, whatever our nick: `<you> text`, `* you waves`.
+pub const OWN_NAME: &str = "you";
 
 /// Marks a line that was cut.
 const ELLIPSIS: char = '\u{2026}';
@@ -185,8 +189,9 @@ impl Painter {
         paint(&classify(line), nick, self.color, self.stamp().as_deref())
     }
 
-    /// A line we sent, shown under `name` (our nick, or `you`).
-    pub fn own_line(&self, echo: &Echo, name: &str) -> String {
+    /// A line we sent, shown under `you` (`OWN_NAME`) whatever our nick.
+    pub fn own_line(&self, echo: &Echo) -> String {
+        let name = OWN_NAME;
         let stamp = self.stamp();
         match echo {
             Echo::Chat(text) => paint(
@@ -479,15 +484,12 @@ mod tests {
     }
 
     #[test]
-    fn own_lines_show_under_our_name() {
+    fn own_lines_show_under_you() {
         let painter = Painter::new(false, None);
+        assert_eq!(painter.own_line(&Echo::Chat("hi".into())), "<you> hi");
         assert_eq!(
-            painter.own_line(&Echo::Chat("hi".into()), "you"),
-            "<you> hi"
-        );
-        assert_eq!(
-            painter.own_line(&Echo::Action("waves".into()), "alice"),
-            "* alice waves"
+            painter.own_line(&Echo::Action("waves".into())),
+            "* you waves"
         );
         assert_eq!(painter.notice("reconnected"), "* reconnected");
         assert_eq!(painter.error("not connected"), "! not connected");

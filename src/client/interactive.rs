@@ -264,7 +264,7 @@ impl Session<'_> {
         }
         self.quitting = quit;
         if let Some(echo) = display::echo(line) {
-            let shown = self.painter.own_line(&echo, self.me.shown_name());
+            let shown = self.painter.own_line(&echo);
             self.screen.print_line(&shown);
         }
         Ok(Flow::Continue)
