@@ -283,16 +283,22 @@ fn plain_mode_prints_server_text_cleaned_and_bounded() {
     assert!(lines.contains(&"<eve> still here"), "the line after it");
 }
 
-/// `--connect-timeout` bounds a connect that would otherwise wait for the system's SYN
-/// retries (minutes): a listener whose queue is full drops new SYNs, as a black hole would.
-#[test]
-fn connect_timeout_bounds_a_connect_that_hangs() {
+/// A listener on which a connect hangs: its accept queue is full (never accepted), so it drops
+/// new SYNs, as a black hole would. Keep it (and the connections filling it) alive while the
+/// connect should hang.
+struct HangingListener {
+    port: u16,
+    _socket: socket2::Socket,
+    _fillers: Vec<TcpStream>,
+}
+
+fn hanging_listener() -> HangingListener {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket.bind(&addr(0).into()).unwrap();
     socket.listen(0).unwrap();
     let port = socket.local_addr().unwrap().as_socket().unwrap().port();
-    // Fill the accept queue (never accepted) until a connect hangs.
+    // Fill the accept queue until a connect hangs.
     let mut fillers = Vec::new();
     let full =
         (0..8).any(
@@ -305,6 +311,19 @@ fn connect_timeout_bounds_a_connect_that_hangs() {
             },
         );
     assert!(full, "the listen queue never filled");
+    HangingListener {
+        port,
+        _socket: socket,
+        _fillers: fillers,
+    }
+}
+
+/// `--connect-timeout` bounds a connect that would otherwise wait for the system's SYN
+/// retries (minutes).
+#[test]
+fn connect_timeout_bounds_a_connect_that_hangs() {
+    let listener = hanging_listener();
+    let port = listener.port;
     let client = Command::new(CLIENT)
         .args(["--port", &port.to_string(), "--connect-timeout", "1"])
         .stdin(Stdio::null())
@@ -686,6 +705,41 @@ fn terminal_ctrl_c_and_sigterm_exit_0_and_restore_the_terminal() {
         assert!(status.success(), "{how}: {status:?}");
         assert!(pty.is_canonical(), "{how}: terminal restored");
         bob.wait_for(|line| line == format!("* {nick} left"));
+    }
+}
+
+/// SIGTERM, SIGHUP, Ctrl-C or `/quit` while the *first* connect still hangs (here it would
+/// for minutes) end the client at once with status 0 and the terminal back in line mode: the
+/// signals are caught and keys read before the connect, not after it.
+#[test]
+fn terminal_signals_and_ctrl_c_during_the_first_connect_restore_the_terminal() {
+    let listener = hanging_listener();
+    let port = listener.port;
+    for how in ["sigterm", "sighup", "ctrl-c", "/quit"] {
+        let mut pty = terminal();
+        let mut client = client_on(&pty, port, &["--connect-timeout", "3600"]);
+        // Raw mode is on from the start, while the connect hangs.
+        pty.wait_for_raw_mode();
+        assert!(
+            client.0.try_wait().unwrap().is_none(),
+            "{how}: the client should still be connecting:\n{}",
+            pty.contents()
+        );
+        match how {
+            "ctrl-c" => pty.type_keys(b"\x03"),
+            "/quit" => pty.type_keys(b"/quit\r"),
+            signal => {
+                let flag = format!("-{}", &signal[3..].to_uppercase());
+                let status = Command::new("kill")
+                    .args([flag.as_str(), &client.0.id().to_string()])
+                    .status()
+                    .expect("run kill");
+                assert!(status.success());
+            }
+        }
+        let status = pty.wait_exit(&mut client.0);
+        assert!(status.success(), "{how}: {status:?}\n{}", pty.contents());
+        assert!(pty.is_canonical(), "{how}: terminal restored");
     }
 }
 

@@ -63,7 +63,7 @@ enum Event {
     },
     ConnectFailed {
         link: u64,
-        reason: String,
+        error: Error,
     },
     /// SIGWINCH.
     Resized,
@@ -94,31 +94,24 @@ enum Flow {
     Stop,
 }
 
-/// Connects, then runs the session in raw mode until the user leaves or (with
-/// `--no-reconnect`) the server goes away. A first connect that fails is an error (exit 1):
-/// only a connection that once worked is worth retrying. Raw mode starts before the connect so
-/// keys typed meanwhile are not echoed by the terminal where they would be drawn over.
+/// Runs the session in raw mode until the user leaves or (with `--no-reconnect`) the server
+/// goes away. A first connect that fails is an error (exit 1): only a connection that once
+/// worked is worth retrying.
+///
+/// Signals are caught before raw mode starts, and keys are read as soon as it has: the first
+/// connect runs on a thread like every reconnect, so SIGTERM, Ctrl-C or `/quit` while it waits
+/// (up to `--connect-timeout`) end the session normally, with the terminal restored, instead of
+/// killing the client in raw mode or being ignored until the connect returns. Keys typed
+/// meanwhile are edited on the input line, not echoed by the terminal.
 pub fn run(config: &ClientConfig, painter: Painter) -> Result<(), Error> {
-    let raw_mode = RawMode::enter()?;
-    let stream = connection::connect(&config.host, config.port, config.connect_timeout)?;
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
-    spawn_key_reader(events.clone())?;
     spawn_signal_listener(events.clone())?;
-    let mut session = Session {
-        config,
-        painter,
-        screen: Screen::new(terminal::width()),
-        editor: Editor::default(),
-        keys: KeyParser::default(),
-        me: Identity::new(config.nick.clone()),
-        link: Link::Connecting { id: 0 },
-        next_id: 1,
-        backoff: Backoff::unpredictable(),
-        quitting: false,
-        events,
-    };
-    session.attach(0, stream)?;
-    let result = session.run(&inbox);
+    let raw_mode = RawMode::enter()?;
+    spawn_key_reader(events.clone())?;
+    let mut session = Session::new(config, painter, terminal::width(), events);
+    let result = session
+        .start_connecting()
+        .and_then(|()| session.run(&inbox));
     drop(raw_mode);
     result
 }
@@ -135,11 +128,39 @@ struct Session<'a> {
     backoff: Backoff,
     /// We said goodbye (`/quit` or end of input): the server's close ends the session.
     quitting: bool,
+    /// A connection has worked: until then a failed connect ends the session (exit 1) instead
+    /// of being retried.
+    connected_once: bool,
     /// For the threads the session starts (server readers, connectors).
     events: SyncSender<Event>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    fn new(
+        config: &'a ClientConfig,
+        painter: Painter,
+        width: usize,
+        events: SyncSender<Event>,
+    ) -> Self {
+        Session {
+            config,
+            painter,
+            screen: Screen::new(width),
+            editor: Editor::default(),
+            keys: KeyParser::default(),
+            me: Identity::new(config.nick.clone()),
+            // Until `start_connecting` starts the first connect.
+            link: Link::Waiting {
+                retry_at: Instant::now(),
+            },
+            next_id: 0,
+            backoff: Backoff::unpredictable(),
+            quitting: false,
+            connected_once: false,
+            events,
+        }
+    }
+
     /// Runs until the end, then takes the input line off the screen so the shell's prompt
     /// starts on a clean row.
     fn run(&mut self, inbox: &Receiver<Event>) -> Result<(), Error> {
@@ -207,10 +228,17 @@ impl Session<'_> {
             Event::Lost { link, error } if self.is_current(link) => return self.lost(error),
             Event::Connected { link, stream } if self.is_current(link) => {
                 self.attach(link, stream)?;
-                let (host, port) = (&self.config.host, self.config.port);
-                self.notice(&format!("reconnected to {host}:{port}"));
+                if self.connected_once {
+                    let (host, port) = (&self.config.host, self.config.port);
+                    self.notice(&format!("reconnected to {host}:{port}"));
+                }
+                self.connected_once = true;
             }
-            Event::ConnectFailed { link, reason } if self.is_current(link) => {
+            Event::ConnectFailed { link, error } if self.is_current(link) => {
+                if !self.connected_once {
+                    return Err(error);
+                }
+                let reason = connect_failure(error);
                 self.wait_to_reconnect(&format!("cannot reconnect ({reason})"), "retrying");
             }
             // From a connection given up on.
@@ -327,7 +355,8 @@ impl Session<'_> {
         self.notice(&format!("{what}; {next} in {:.1} s", delay.as_secs_f64()));
     }
 
-    /// Starts a connect on a thread of its own, so keys (and `/quit`) work while it waits.
+    /// Starts a connect (the first one or a reconnect) on a thread of its own, so keys, `/quit`
+    /// and signals work while it waits.
     fn start_connecting(&mut self) -> Result<(), Error> {
         let id = self.next_id;
         self.next_id += 1;
@@ -343,10 +372,7 @@ impl Session<'_> {
             .spawn(move || {
                 let event = match connection::connect(&host, port, timeout) {
                     Ok(stream) => Event::Connected { link: id, stream },
-                    Err(err) => Event::ConnectFailed {
-                        link: id,
-                        reason: connect_failure(err),
-                    },
+                    Err(error) => Event::ConnectFailed { link: id, error },
                 };
                 let _ = events.send(event);
             })?;
