@@ -87,7 +87,7 @@ enum Link {
 }
 
 /// Whether the session goes on after an event.
-#[derive(PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
     /// Leave with status 0.
@@ -287,6 +287,10 @@ impl<'a> Session<'a> {
             return Ok(Flow::Continue);
         };
         if let Err(err) = connection::send_line(stream, line.as_bytes()) {
+            if quit {
+                // The user asked to leave: a goodbye the server cannot get changes nothing.
+                return Ok(Flow::Stop);
+            }
             self.error(NOT_CONNECTED);
             return self.lost(Some(err));
         }
@@ -482,4 +486,56 @@ fn spawn_signal_listener(events: SyncSender<Event>) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::config::{parse_client_args, Parsed};
+
+    fn config() -> ClientConfig {
+        match parse_client_args(Vec::<OsString>::new()) {
+            Ok(Parsed::Run(config)) => config,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    /// A connection on which every send fails at once (our own side is shut for writing, so
+    /// the write is refused with EPIPE, as after the server's reset).
+    fn broken_link() -> (Link, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        (Link::Up { id: 0, stream }, peer)
+    }
+
+    fn connected_session(config: &ClientConfig, link: Link) -> Session<'_> {
+        let (events, _inbox) = mpsc::sync_channel(EVENT_QUEUE);
+        let mut session = Session::new(config, Painter::new(false, None), 80, events);
+        session.link = link;
+        session.connected_once = true;
+        session
+    }
+
+    /// `/quit` ends the session even when it cannot be sent: the user asked to leave, so the
+    /// client must not go on to reconnect.
+    #[test]
+    fn quit_is_final_even_when_sending_it_fails() {
+        let config = config();
+        assert!(config.reconnect);
+        for quit in ["/quit", "/quit now"] {
+            let (link, _peer) = broken_link();
+            let mut session = connected_session(&config, link);
+            assert_eq!(session.submit(quit).unwrap(), Flow::Stop, "{quit:?}");
+        }
+        // Any other line that cannot be sent is a lost connection: wait, then reconnect.
+        let (link, _peer) = broken_link();
+        let mut session = connected_session(&config, link);
+        assert_eq!(session.submit("hello").unwrap(), Flow::Continue);
+        assert!(matches!(session.link, Link::Waiting { .. }));
+    }
 }
