@@ -189,6 +189,7 @@ const HOSTILE: &[&[u8]] = &[
     b"<eve> c1 \xc2\x9b31mcsi and \x9b raw\r\n",
     b"<eve> bidi \xe2\x80\xaecba\r\n",
     b"* bell\x07 and del\x7f\r\n",
+    b"<eve> tab\there\t\tand there\r\n",
     b"<eve> end of part one\r\n",
 ];
 
@@ -202,6 +203,7 @@ const HOSTILE_SHOWN: &[&str] = &[
     "<eve> c1 csi and \u{fffd} raw",
     "<eve> bidi cba",
     "* bell and del",
+    "<eve> tab here  and there",
     "<eve> end of part one",
 ];
 
@@ -218,7 +220,7 @@ fn overlong_line() -> Vec<u8> {
 /// Sequences that must never reach the terminal. The client's own colours are fine, so this
 /// lists the hostile ones, not every escape.
 fn assert_nothing_hostile(output: &[u8]) {
-    let forbidden: [(&[u8], &str); 7] = [
+    let forbidden: [(&[u8], &str); 8] = [
         (b"pwned", "the OSC title text"),
         (b"\x1b]", "an OSC sequence"),
         (b"\x1b[2J", "clear screen"),
@@ -226,6 +228,7 @@ fn assert_nothing_hostile(output: &[u8]) {
         (b"\x08", "backspace"),
         (b"\x07", "bell / OSC end"),
         (b"\x9b", "a C1 CSI byte"),
+        (b"\t", "a TAB (shown as a space)"),
     ];
     for (bytes, what) in forbidden {
         assert!(
@@ -280,16 +283,22 @@ fn plain_mode_prints_server_text_cleaned_and_bounded() {
     assert!(lines.contains(&"<eve> still here"), "the line after it");
 }
 
-/// `--connect-timeout` bounds a connect that would otherwise wait for the system's SYN
-/// retries (minutes): a listener whose queue is full drops new SYNs, as a black hole would.
-#[test]
-fn connect_timeout_bounds_a_connect_that_hangs() {
+/// A listener on which a connect hangs: its accept queue is full (never accepted), so it drops
+/// new SYNs, as a black hole would. Keep it (and the connections filling it) alive while the
+/// connect should hang.
+struct HangingListener {
+    port: u16,
+    _socket: socket2::Socket,
+    _fillers: Vec<TcpStream>,
+}
+
+fn hanging_listener() -> HangingListener {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket.bind(&addr(0).into()).unwrap();
     socket.listen(0).unwrap();
     let port = socket.local_addr().unwrap().as_socket().unwrap().port();
-    // Fill the accept queue (never accepted) until a connect hangs.
+    // Fill the accept queue until a connect hangs.
     let mut fillers = Vec::new();
     let full =
         (0..8).any(
@@ -302,6 +311,19 @@ fn connect_timeout_bounds_a_connect_that_hangs() {
             },
         );
     assert!(full, "the listen queue never filled");
+    HangingListener {
+        port,
+        _socket: socket,
+        _fillers: fillers,
+    }
+}
+
+/// `--connect-timeout` bounds a connect that would otherwise wait for the system's SYN
+/// retries (minutes).
+#[test]
+fn connect_timeout_bounds_a_connect_that_hangs() {
+    let listener = hanging_listener();
+    let port = listener.port;
     let client = Command::new(CLIENT)
         .args(["--port", &port.to_string(), "--connect-timeout", "1"])
         .stdin(Stdio::null())
@@ -473,7 +495,8 @@ fn terminal_line_editing_keys_edit_what_is_sent() {
 }
 
 /// The time on each line, names in colour, notices dim, errors red, our nick highlighted when
-/// someone mentions it, our own messages and actions under our nick.
+/// someone mentions it, our own messages and actions as `<you> …` and `* you …` even with a
+/// nick (the others see them under the nick).
 #[test]
 fn terminal_shows_time_colours_mentions_and_own_lines() {
     let server = start_chat_only();
@@ -512,12 +535,16 @@ fn terminal_shows_time_colours_mentions_and_own_lines() {
     assert_eq!(bob.line(), "<alice> hey bob");
     pty.type_keys(b"/me waves\r/bogus\r");
     pty.wait_for_text("unknown command");
+    assert_eq!(bob.line(), "* alice waves");
     let rows = pty.rows();
+    assert!(rows.iter().any(|r| stamped(r, "<you> hey bob")), "{rows:?}");
+    assert!(rows.iter().any(|r| stamped(r, "* you waves")), "{rows:?}");
     assert!(
-        rows.iter().any(|r| stamped(r, "<alice> hey bob")),
+        !rows
+            .iter()
+            .any(|r| r.ends_with("<alice> hey bob") || r.ends_with("* alice waves")),
         "{rows:?}"
     );
-    assert!(rows.iter().any(|r| stamped(r, "* alice waves")), "{rows:?}");
     let notice = rows
         .iter()
         .position(|r| r.ends_with("is now alice"))
@@ -568,7 +595,7 @@ fn terminal_no_color_flag_and_variable_turn_colours_off() {
         pty.wait_for_text("<bob> carol: ping");
         pty.type_keys(b"pong\x1b[Dg\r");
         assert_eq!(bob.wait_for(|l| l.starts_with("<carol>")), "<carol> pongg");
-        pty.wait_for_text("<carol> pongg");
+        pty.wait_for_text("<you> pongg");
         assert!(
             !has_sgr(pty.raw()),
             "{flags:?} {no_color:?}: colour written"
@@ -681,6 +708,41 @@ fn terminal_ctrl_c_and_sigterm_exit_0_and_restore_the_terminal() {
     }
 }
 
+/// SIGTERM, SIGHUP, Ctrl-C or `/quit` while the *first* connect still hangs (here it would
+/// for minutes) end the client at once with status 0 and the terminal back in line mode: the
+/// signals are caught and keys read before the connect, not after it.
+#[test]
+fn terminal_signals_and_ctrl_c_during_the_first_connect_restore_the_terminal() {
+    let listener = hanging_listener();
+    let port = listener.port;
+    for how in ["sigterm", "sighup", "ctrl-c", "/quit"] {
+        let mut pty = terminal();
+        let mut client = client_on(&pty, port, &["--connect-timeout", "3600"]);
+        // Raw mode is on from the start, while the connect hangs.
+        pty.wait_for_raw_mode();
+        assert!(
+            client.0.try_wait().unwrap().is_none(),
+            "{how}: the client should still be connecting:\n{}",
+            pty.contents()
+        );
+        match how {
+            "ctrl-c" => pty.type_keys(b"\x03"),
+            "/quit" => pty.type_keys(b"/quit\r"),
+            signal => {
+                let flag = format!("-{}", &signal[3..].to_uppercase());
+                let status = Command::new("kill")
+                    .args([flag.as_str(), &client.0.id().to_string()])
+                    .status()
+                    .expect("run kill");
+                assert!(status.success());
+            }
+        }
+        let status = pty.wait_exit(&mut client.0);
+        assert!(status.success(), "{how}: {status:?}\n{}", pty.contents());
+        assert!(pty.is_canonical(), "{how}: terminal restored");
+    }
+}
+
 /// After a server restart the client says it lost the connection, refuses to pretend lines
 /// typed meanwhile were sent, reconnects by itself, says so, and has its nick back.
 #[test]
@@ -706,6 +768,7 @@ fn terminal_reconnects_after_a_server_restart_and_restores_the_nick() {
     assert!(who.contains("alice"), "{who}");
     pty.type_keys(b"back again\r");
     bob.wait_for(|line| line == "<alice> back again");
+    pty.wait_for_row("<you> back again");
 }
 
 /// With `--no-reconnect` terminal mode exits 1 like plain mode, says why, and restores the

@@ -1,6 +1,7 @@
 //! What a line looks like on the user's screen: server text made safe and bounded (both modes),
 //! and in terminal mode the time, colours per nick, notices and errors set apart, mentions of
-//! our nick highlighted, and our own messages echoed (the server does not echo them).
+//! our nick highlighted, and our own messages echoed as `<you> …` (the server does not echo
+//! them).
 //!
 //! Pure: no terminal, no clock except in `Painter::stamp`, so every rule is unit-tested.
 
@@ -15,6 +16,9 @@ use crate::protocol::{self, Command};
 /// scrollback or the client's memory. Far above the server's default `--max-line` (4096) plus
 /// a name, so no real chat line is ever cut.
 pub const MAX_SHOWN: usize = 8 * 1024;
+
+/// The name our own lines show under, whatever our nick: `<you> text`, `* you waves`.
+pub const OWN_NAME: &str = "you";
 
 /// Marks a line that was cut.
 const ELLIPSIS: char = '\u{2026}';
@@ -34,14 +38,24 @@ const NICK_COLORS: [&str; 9] = [
 ];
 
 /// A server line made safe to print: escape sequences and control characters removed
-/// (`protocol::sanitize`, the same rules the server applies to what clients send), at most
-/// `MAX_SHOWN` bytes, `…` where it was cut.
+/// (`protocol::sanitize`, the same rules the server applies to what clients send), TAB shown
+/// as a space, at most `MAX_SHOWN` bytes, `…` where it was cut.
 pub fn clean(line: &ServerLine) -> String {
     let mut bytes = line.bytes.as_slice();
     if line.cut {
         bytes = without_partial_char(bytes);
     }
-    bound(protocol::sanitize(bytes).into_owned(), line.cut)
+    bound(safe(bytes).into_owned(), line.cut)
+}
+
+/// `protocol::sanitize`, plus TAB (the one control it keeps) as a space: no control character
+/// from the server reaches the terminal, and a TAB would move the cursor to a tab stop the
+/// client does not know about. Same length, so bounds still hold.
+fn safe(bytes: &[u8]) -> Cow<'_, str> {
+    match protocol::sanitize(bytes) {
+        text if text.contains('\t') => Cow::Owned(text.replace('\t', " ")),
+        text => text,
+    }
 }
 
 /// Drops a UTF-8 sequence that the cut split, which would otherwise show as U+FFFD.
@@ -175,8 +189,9 @@ impl Painter {
         paint(&classify(line), nick, self.color, self.stamp().as_deref())
     }
 
-    /// A line we sent, shown under `name` (our nick, or `you`).
-    pub fn own_line(&self, echo: &Echo, name: &str) -> String {
+    /// A line we sent, shown under `you` (`OWN_NAME`) whatever our nick.
+    pub fn own_line(&self, echo: &Echo) -> String {
+        let name = OWN_NAME;
         let stamp = self.stamp();
         match echo {
             Echo::Chat(text) => paint(
@@ -279,7 +294,7 @@ pub fn plain(line: &ServerLine) -> Cow<'_, str> {
     if line.cut {
         return Cow::Owned(clean(line));
     }
-    match protocol::sanitize(&line.bytes) {
+    match safe(&line.bytes) {
         Cow::Borrowed(text) if text.len() <= MAX_SHOWN => Cow::Borrowed(text),
         text => Cow::Owned(bound(text.into_owned(), false)),
     }
@@ -325,6 +340,16 @@ mod tests {
         let shown = clean(&invalid);
         assert!(shown.len() <= MAX_SHOWN, "{}", shown.len());
         assert!(shown.ends_with('\u{2026}'));
+    }
+
+    #[test]
+    fn tabs_from_the_server_show_as_spaces() {
+        let line = server_line(b"<eve> a\tb\t\tc\x1b[2J\t", false);
+        assert_eq!(clean(&line), "<eve> a b  c ");
+        assert_eq!(plain(&line), "<eve> a b  c ");
+        let cut = server_line(b"<eve>\tx", true);
+        assert_eq!(clean(&cut), "<eve> x\u{2026}");
+        assert!(!plain(&server_line(b"\t\t", false)).contains('\t'));
     }
 
     #[test]
@@ -459,15 +484,12 @@ mod tests {
     }
 
     #[test]
-    fn own_lines_show_under_our_name() {
+    fn own_lines_show_under_you() {
         let painter = Painter::new(false, None);
+        assert_eq!(painter.own_line(&Echo::Chat("hi".into())), "<you> hi");
         assert_eq!(
-            painter.own_line(&Echo::Chat("hi".into()), "you"),
-            "<you> hi"
-        );
-        assert_eq!(
-            painter.own_line(&Echo::Action("waves".into()), "alice"),
-            "* alice waves"
+            painter.own_line(&Echo::Action("waves".into())),
+            "* you waves"
         );
         assert_eq!(painter.notice("reconnected"), "* reconnected");
         assert_eq!(painter.error("not connected"), "! not connected");

@@ -1,6 +1,7 @@
 //! Who we are on the server, learnt from what it says: the name in the welcome line, then
-//! `* OLD is now NEW` when OLD is us. Terminal mode needs it to echo our own messages under
-//! the right name, to highlight mentions, and to ask for our nick again after a reconnect.
+//! `* OLD is now NEW` when OLD is us. Terminal mode needs it to highlight mentions of our nick
+//! and to ask for our nick again after a reconnect. (Our own messages show as `<you> …`
+//! whatever the nick: `display::OWN_NAME`.)
 //!
 //! Pure: it only reads lines.
 
@@ -56,14 +57,6 @@ impl Identity {
         Some(Change::Renamed)
     }
 
-    /// The name our own messages show under: our nick once we have one, else `you`.
-    pub fn shown_name(&self) -> &str {
-        match (&self.name, self.chosen) {
-            (Some(name), true) => name,
-            _ => "you",
-        }
-    }
-
     /// Our nick, if we have one on this connection: what mentions are looked for.
     pub fn nick(&self) -> Option<&str> {
         self.name.as_deref().filter(|_| self.chosen)
@@ -82,19 +75,18 @@ mod tests {
     const WELCOME_LINE: &str = "* welcome, you are 127.0.0.1:5000 \u{2014} /help for commands";
 
     #[test]
-    fn we_are_you_until_a_nick_is_confirmed() {
+    fn no_nick_until_one_is_confirmed() {
         let mut me = Identity::new(None);
-        assert_eq!(me.shown_name(), "you");
-        assert_eq!(me.observe(WELCOME_LINE), Some(Change::Welcomed));
-        assert_eq!(me.shown_name(), "you");
         assert_eq!(me.nick(), None);
+        assert_eq!(me.observe(WELCOME_LINE), Some(Change::Welcomed));
+        assert_eq!(me.nick(), None, "the address is not a nick");
         assert_eq!(
             me.observe("* 127.0.0.1:5000 is now alice"),
             Some(Change::Renamed)
         );
-        assert_eq!((me.shown_name(), me.nick()), ("alice", Some("alice")));
+        assert_eq!(me.nick(), Some("alice"));
         assert_eq!(me.observe("* alice is now al"), Some(Change::Renamed));
-        assert_eq!(me.shown_name(), "al");
+        assert_eq!(me.nick(), Some("al"));
         assert_eq!(me.wanted(), Some("al"));
     }
 
@@ -108,7 +100,7 @@ mod tests {
             None
         );
         assert_eq!(me.observe("* bob is now alice"), None);
-        assert_eq!(me.shown_name(), "you");
+        assert_eq!(me.nick(), None);
         assert_eq!(me.wanted(), Some("alice"), "--nick until one is confirmed");
     }
 
@@ -119,9 +111,9 @@ mod tests {
         me.observe("* 127.0.0.1:5000 is now alice");
         let again = "* welcome, you are 127.0.0.1:7000 \u{2014} /help for commands";
         assert_eq!(me.observe(again), Some(Change::Welcomed));
-        assert_eq!(me.shown_name(), "you");
+        assert_eq!(me.nick(), None);
         assert_eq!(me.wanted(), Some("alice"));
         me.observe("* 127.0.0.1:7000 is now alice");
-        assert_eq!(me.shown_name(), "alice");
+        assert_eq!(me.nick(), Some("alice"));
     }
 }

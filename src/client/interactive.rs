@@ -63,7 +63,7 @@ enum Event {
     },
     ConnectFailed {
         link: u64,
-        reason: String,
+        error: Error,
     },
     /// SIGWINCH.
     Resized,
@@ -87,38 +87,31 @@ enum Link {
 }
 
 /// Whether the session goes on after an event.
-#[derive(PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
     /// Leave with status 0.
     Stop,
 }
 
-/// Connects, then runs the session in raw mode until the user leaves or (with
-/// `--no-reconnect`) the server goes away. A first connect that fails is an error (exit 1):
-/// only a connection that once worked is worth retrying. Raw mode starts before the connect so
-/// keys typed meanwhile are not echoed by the terminal where they would be drawn over.
+/// Runs the session in raw mode until the user leaves or (with `--no-reconnect`) the server
+/// goes away. A first connect that fails is an error (exit 1): only a connection that once
+/// worked is worth retrying.
+///
+/// Signals are caught before raw mode starts, and keys are read as soon as it has: the first
+/// connect runs on a thread like every reconnect, so SIGTERM, Ctrl-C or `/quit` while it waits
+/// (up to `--connect-timeout`) end the session normally, with the terminal restored, instead of
+/// killing the client in raw mode or being ignored until the connect returns. Keys typed
+/// meanwhile are edited on the input line, not echoed by the terminal.
 pub fn run(config: &ClientConfig, painter: Painter) -> Result<(), Error> {
-    let raw_mode = RawMode::enter()?;
-    let stream = connection::connect(&config.host, config.port, config.connect_timeout)?;
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
-    spawn_key_reader(events.clone())?;
     spawn_signal_listener(events.clone())?;
-    let mut session = Session {
-        config,
-        painter,
-        screen: Screen::new(terminal::width()),
-        editor: Editor::default(),
-        keys: KeyParser::default(),
-        me: Identity::new(config.nick.clone()),
-        link: Link::Connecting { id: 0 },
-        next_id: 1,
-        backoff: Backoff::unpredictable(),
-        quitting: false,
-        events,
-    };
-    session.attach(0, stream)?;
-    let result = session.run(&inbox);
+    let raw_mode = RawMode::enter()?;
+    spawn_key_reader(events.clone())?;
+    let mut session = Session::new(config, painter, terminal::width(), events);
+    let result = session
+        .start_connecting()
+        .and_then(|()| session.run(&inbox));
     drop(raw_mode);
     result
 }
@@ -135,11 +128,39 @@ struct Session<'a> {
     backoff: Backoff,
     /// We said goodbye (`/quit` or end of input): the server's close ends the session.
     quitting: bool,
+    /// A connection has worked: until then a failed connect ends the session (exit 1) instead
+    /// of being retried.
+    connected_once: bool,
     /// For the threads the session starts (server readers, connectors).
     events: SyncSender<Event>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    fn new(
+        config: &'a ClientConfig,
+        painter: Painter,
+        width: usize,
+        events: SyncSender<Event>,
+    ) -> Self {
+        Session {
+            config,
+            painter,
+            screen: Screen::new(width),
+            editor: Editor::default(),
+            keys: KeyParser::default(),
+            me: Identity::new(config.nick.clone()),
+            // Until `start_connecting` starts the first connect.
+            link: Link::Waiting {
+                retry_at: Instant::now(),
+            },
+            next_id: 0,
+            backoff: Backoff::unpredictable(),
+            quitting: false,
+            connected_once: false,
+            events,
+        }
+    }
+
     /// Runs until the end, then takes the input line off the screen so the shell's prompt
     /// starts on a clean row.
     fn run(&mut self, inbox: &Receiver<Event>) -> Result<(), Error> {
@@ -207,10 +228,17 @@ impl Session<'_> {
             Event::Lost { link, error } if self.is_current(link) => return self.lost(error),
             Event::Connected { link, stream } if self.is_current(link) => {
                 self.attach(link, stream)?;
-                let (host, port) = (&self.config.host, self.config.port);
-                self.notice(&format!("reconnected to {host}:{port}"));
+                if self.connected_once {
+                    let (host, port) = (&self.config.host, self.config.port);
+                    self.notice(&format!("reconnected to {host}:{port}"));
+                }
+                self.connected_once = true;
             }
-            Event::ConnectFailed { link, reason } if self.is_current(link) => {
+            Event::ConnectFailed { link, error } if self.is_current(link) => {
+                if !self.connected_once {
+                    return Err(error);
+                }
+                let reason = connect_failure(error);
                 self.wait_to_reconnect(&format!("cannot reconnect ({reason})"), "retrying");
             }
             // From a connection given up on.
@@ -259,12 +287,16 @@ impl Session<'_> {
             return Ok(Flow::Continue);
         };
         if let Err(err) = connection::send_line(stream, line.as_bytes()) {
+            if quit {
+                // The user asked to leave: a goodbye the server cannot get changes nothing.
+                return Ok(Flow::Stop);
+            }
             self.error(NOT_CONNECTED);
             return self.lost(Some(err));
         }
         self.quitting = quit;
         if let Some(echo) = display::echo(line) {
-            let shown = self.painter.own_line(&echo, self.me.shown_name());
+            let shown = self.painter.own_line(&echo);
             self.screen.print_line(&shown);
         }
         Ok(Flow::Continue)
@@ -327,7 +359,8 @@ impl Session<'_> {
         self.notice(&format!("{what}; {next} in {:.1} s", delay.as_secs_f64()));
     }
 
-    /// Starts a connect on a thread of its own, so keys (and `/quit`) work while it waits.
+    /// Starts a connect (the first one or a reconnect) on a thread of its own, so keys, `/quit`
+    /// and signals work while it waits.
     fn start_connecting(&mut self) -> Result<(), Error> {
         let id = self.next_id;
         self.next_id += 1;
@@ -343,10 +376,7 @@ impl Session<'_> {
             .spawn(move || {
                 let event = match connection::connect(&host, port, timeout) {
                     Ok(stream) => Event::Connected { link: id, stream },
-                    Err(err) => Event::ConnectFailed {
-                        link: id,
-                        reason: connect_failure(err),
-                    },
+                    Err(error) => Event::ConnectFailed { link: id, error },
                 };
                 let _ = events.send(event);
             })?;
@@ -456,4 +486,56 @@ fn spawn_signal_listener(events: SyncSender<Event>) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::config::{parse_client_args, Parsed};
+
+    fn config() -> ClientConfig {
+        match parse_client_args(Vec::<OsString>::new()) {
+            Ok(Parsed::Run(config)) => config,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    /// A connection on which every send fails at once (our own side is shut for writing, so
+    /// the write is refused with EPIPE, as after the server's reset).
+    fn broken_link() -> (Link, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        (Link::Up { id: 0, stream }, peer)
+    }
+
+    fn connected_session(config: &ClientConfig, link: Link) -> Session<'_> {
+        let (events, _inbox) = mpsc::sync_channel(EVENT_QUEUE);
+        let mut session = Session::new(config, Painter::new(false, None), 80, events);
+        session.link = link;
+        session.connected_once = true;
+        session
+    }
+
+    /// `/quit` ends the session even when it cannot be sent: the user asked to leave, so the
+    /// client must not go on to reconnect.
+    #[test]
+    fn quit_is_final_even_when_sending_it_fails() {
+        let config = config();
+        assert!(config.reconnect);
+        for quit in ["/quit", "/quit now"] {
+            let (link, _peer) = broken_link();
+            let mut session = connected_session(&config, link);
+            assert_eq!(session.submit(quit).unwrap(), Flow::Stop, "{quit:?}");
+        }
+        // Any other line that cannot be sent is a lost connection: wait, then reconnect.
+        let (link, _peer) = broken_link();
+        let mut session = connected_session(&config, link);
+        assert_eq!(session.submit("hello").unwrap(), Flow::Continue);
+        assert!(matches!(session.link, Link::Waiting { .. }));
+    }
 }

@@ -180,6 +180,20 @@ impl Pty {
         }
     }
 
+    /// Waits until the program has put the terminal in raw mode (not canonical); fails the test
+    /// after `DEADLINE`.
+    pub fn wait_for_raw_mode(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.is_canonical() {
+            assert!(
+                Instant::now() < deadline,
+                "the terminal not in raw mode within {DEADLINE:?}; the screen:\n{}",
+                self.contents()
+            );
+            self.pump(Duration::from_millis(10));
+        }
+    }
+
     /// Whether the terminal is in canonical (line) mode with echo, as a shell leaves it and
     /// as the client must leave it when it exits.
     pub fn is_canonical(&self) -> bool {
