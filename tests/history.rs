@@ -4,10 +4,11 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{start_server, Chat, TestDb};
+use common::{start_server, Chat, TestDb, DEADLINE};
 use peerchat::ServerConfig;
 
 /// A server on `db` without flood control (tests send faster than people).
@@ -234,22 +235,33 @@ fn history_and_live_stream_meet_exactly_during_traffic() {
     db.slow_inserts(Some(30));
     let addr = server.addr;
 
+    // The sender sends in rounds of 80 lines; a client joins between rounds, while the
+    // inserts of the last lines are still in flight and the next round is already coming.
+    let (round_sent, next_round) = (mpsc::channel(), mpsc::channel::<()>());
+    let (round_sent_tx, round_sent_rx) = round_sent;
+    let (next_round_tx, next_round_rx) = next_round;
     let sender = thread::spawn(move || {
         let mut alice = Chat::named(addr, "alice");
-        for n in 0..400 {
-            alice.send(&format!("n {n}"));
-            if n % 20 == 0 {
-                thread::sleep(Duration::from_millis(5));
+        for round in 0..5 {
+            for n in round * 80..(round + 1) * 80 {
+                alice.send(&format!("n {n}"));
+            }
+            if round < 4 {
+                round_sent_tx.send(()).unwrap();
+                next_round_rx
+                    .recv_timeout(DEADLINE)
+                    .expect("a client joined");
             }
         }
         alice.sync();
         alice
     });
-    // Join while the sender is busy: after some of its lines, before all of them.
     let joiners: Vec<Chat> = (0..4)
         .map(|_| {
-            thread::sleep(Duration::from_millis(15));
-            Chat::connect(addr)
+            round_sent_rx.recv_timeout(DEADLINE).expect("a round sent");
+            let joiner = Chat::connect(addr);
+            next_round_tx.send(()).unwrap();
+            joiner
         })
         .collect();
     let _alice = sender.join().unwrap();
