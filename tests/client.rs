@@ -66,6 +66,16 @@ fn fake_server() -> (TcpListener, u16) {
 }
 
 /// The next connection to `listener`, within `DEADLINE`.
+/// A client in a pty (`--no-time`) connected to a fake server that has sent the welcome.
+fn terminal_with_fake_server() -> (Pty, Client, TcpStream) {
+    let (listener, port) = fake_server();
+    let pty = terminal();
+    let client = client_on(&pty, port, &["--no-time"]);
+    let mut stream = accept(&listener);
+    stream.write_all(WELCOME).unwrap();
+    (pty, client, stream)
+}
+
 fn accept(listener: &TcpListener) -> TcpStream {
     listener.set_nonblocking(true).unwrap();
     let deadline = Instant::now() + DEADLINE;
@@ -405,11 +415,7 @@ fn terminal_incoming_burst_does_not_garble_typed_input() {
 #[test]
 fn terminal_history_replay_burst_keeps_the_input_line() {
     const REPLAYED: usize = 20;
-    let (listener, port) = fake_server();
-    let mut pty = terminal();
-    let mut client = client_on(&pty, port, &["--no-time"]);
-    let mut stream = accept(&listener);
-    stream.write_all(WELCOME).unwrap();
+    let (mut pty, mut client, mut stream) = terminal_with_fake_server();
     pty.wait_for_text("welcome, you are");
     pty.type_keys(b"draft");
     pty.wait_for_row("> draft");
@@ -616,11 +622,7 @@ fn terminal_no_color_flag_and_variable_turn_colours_off() {
 /// text around them does, and a 1 MB line is cut (with `…`) without stopping the client.
 #[test]
 fn terminal_hostile_server_escapes_never_reach_the_terminal() {
-    let (listener, port) = fake_server();
-    let mut pty = terminal();
-    let mut client = client_on(&pty, port, &["--no-time"]);
-    let mut stream = accept(&listener);
-    stream.write_all(WELCOME).unwrap();
+    let (mut pty, mut client, mut stream) = terminal_with_fake_server();
     for line in HOSTILE {
         stream.write_all(line).unwrap();
     }
@@ -665,11 +667,7 @@ fn terminal_hostile_server_escapes_never_reach_the_terminal() {
 /// 0 on the server's close, and the terminal is back in line mode with echo.
 #[test]
 fn terminal_quit_is_final_exits_0_and_restores_the_terminal() {
-    let (listener, port) = fake_server();
-    let mut pty = terminal();
-    let mut client = client_on(&pty, port, &["--no-time"]);
-    let mut stream = accept(&listener);
-    stream.write_all(WELCOME).unwrap();
+    let (mut pty, mut client, stream) = terminal_with_fake_server();
     pty.wait_for_text("welcome, you are");
     assert!(!pty.is_canonical(), "raw mode while running");
     pty.type_keys(b"first\r/quit\rafter quit\r");
