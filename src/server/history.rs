@@ -137,23 +137,21 @@ impl History {
     /// joiners share an answer).
     pub fn answer(&mut self, room: &mut Room, reply: HistoryReply) {
         let max_bytes = room.limits().max_output / 2;
-        let mut encoded: Vec<(usize, Purpose, Vec<u8>)> = Vec::new();
+        let mut encoded: Vec<((usize, Purpose), Vec<u8>)> = Vec::new();
         for request in &reply.requests {
-            let purpose = purpose_of(request.ticket);
-            let same = |(count, of, _): &&(usize, Purpose, Vec<u8>)| {
-                (*count, *of) == (request.count, purpose)
+            let key = (request.count, purpose_of(request.ticket));
+            let index = match encoded.iter().position(|(done, _)| *done == key) {
+                Some(index) => index,
+                None => {
+                    let lines = match &reply.lines {
+                        Ok(lines) => Ok(HistoryReply::lines_for(lines, request.count)),
+                        Err(reason) => Err(reason.as_str()),
+                    };
+                    encoded.push((key, encode(lines, key.1, max_bytes)));
+                    encoded.len() - 1
+                }
             };
-            if !encoded.iter().any(|entry| same(&entry)) {
-                let lines = match &reply.lines {
-                    Ok(lines) => Ok(HistoryReply::lines_for(lines, request.count)),
-                    Err(reason) => Err(reason.as_str()),
-                };
-                encoded.push((request.count, purpose, encode(lines, purpose, max_bytes)));
-            }
-            let Some((_, _, bytes)) = encoded.iter().find(same) else {
-                continue;
-            };
-            room.history_arrived(request.client, request.ticket, bytes);
+            room.history_arrived(request.client, request.ticket, &encoded[index].1);
         }
         // Their deadlines stay queued: when due, they find nothing waiting and do nothing
         // (cheaper than searching the queue for each answer during a reconnect storm).
