@@ -4,13 +4,12 @@ mod common;
 
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use common::process::{run_bounded, spawn_server, SERVER};
+use common::process::{run_bounded, spawn_piped_client, spawn_server, CLIENT, SERVER};
 use common::{alice_and_bob, free_port, start_chat_only, Chat, TestDb, DEADLINE};
-const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
 
 fn run_with_args(exe: &str, args: &[&str]) -> Output {
     let child = Command::new(exe)
@@ -180,7 +179,7 @@ fn client_piping_a_long_file_delivers_every_line_before_exiting() {
     const LINES: usize = 160; // 40 at once, the rest at 20/s: about 6 s
     let server = start_chat_only(); // default flood control
     let mut watcher = Chat::named(server.addr, "watcher");
-    let mut client = spawn_client(server.addr, &["--nick", "piper"]);
+    let mut client = spawn_piped_client(server.addr.port(), &["--nick", "piper"]);
     let file: String = (1..=LINES).map(|n| format!("{n}\n")).collect();
     let mut stdin = client.stdin.take().unwrap();
     stdin.write_all(file.as_bytes()).unwrap();
@@ -204,7 +203,7 @@ fn client_piping_a_long_file_delivers_every_line_before_exiting() {
 fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
     let server = start_chat_only();
     let mut watcher = Chat::named(server.addr, "watcher");
-    let mut client = spawn_client(server.addr, &["--nick", "piper"]);
+    let mut client = spawn_piped_client(server.addr.port(), &["--nick", "piper"]);
     let mut stdin = client.stdin.take().unwrap();
     stdin
         .write_all(b"first line from a file\nsecond line\r\n/who\n")
@@ -244,7 +243,7 @@ fn client_sends_piped_input_prints_what_arrives_and_exits_0() {
 fn client_quit_exits_0() {
     let server = start_chat_only();
     for quit in ["/quit\n", "/quit see you\n"] {
-        let mut client = spawn_client(server.addr, &[]);
+        let mut client = spawn_piped_client(server.addr.port(), &[]);
         // /quit with stdin still open: the client must exit on the server's close alone.
         let mut stdin = client.stdin.take().unwrap();
         stdin.write_all(quit.as_bytes()).unwrap();
@@ -270,7 +269,7 @@ fn client_fails_when_no_server_listens() {
 #[test]
 fn client_fails_when_the_server_goes_away() {
     let server = start_chat_only();
-    let mut client = spawn_client(server.addr, &[]); // stdin stays open: still typing
+    let mut client = spawn_piped_client(server.addr.port(), &[]); // stdin stays open: still typing
     let mut stdout = client.stdout.take().unwrap();
     let mut first = [0u8; 9];
     stdout.read_exact(&mut first).unwrap(); // "* welcome"
@@ -279,18 +278,6 @@ fn client_fails_when_the_server_goes_away() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("closed the connection"), "{stderr}");
-}
-
-/// Starts the client binary against `addr` with piped standard streams.
-fn spawn_client(addr: SocketAddr, flags: &[&str]) -> Child {
-    Command::new(CLIENT)
-        .args(["--port", &addr.port().to_string()])
-        .args(flags)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client")
 }
 
 /// Reads a welcome line within `wait`, if one comes.

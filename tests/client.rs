@@ -11,11 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::process::{run_bounded, ServerProcess, SERVER};
+use common::process::{run_bounded, spawn_piped_client, ServerProcess, CLIENT, SERVER};
 use common::pty::{screen_rows, Pty};
 use common::{free_port, start_chat_only, Chat, DEADLINE};
-
-const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
 
 /// What a fake server says first, as the real one does.
 const WELCOME: &[u8] =
@@ -29,18 +27,6 @@ impl Drop for Client {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The client in plain mode, its standard streams piped.
-fn piped_client(port: u16, flags: &[&str]) -> Child {
-    Command::new(CLIENT)
-        .args(["--port", &port.to_string()])
-        .args(flags)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client")
 }
 
 /// The client in terminal mode on `pty`.
@@ -66,6 +52,17 @@ fn fake_server() -> (TcpListener, u16) {
 }
 
 /// The next connection to `listener`, within `DEADLINE`.
+/// bob on the line, and alice in a pty (`--nick alice` among `flags`), once bob has seen her
+/// take her nick.
+fn alice_in_a_terminal_with_bob(addr: SocketAddr, flags: &[&str]) -> (Chat, Pty, Client) {
+    let mut bob = Chat::named(addr, "bob");
+    let mut pty = terminal();
+    let client = client_on(&pty, addr.port(), flags);
+    pty.wait_for_text("is now alice");
+    bob.wait_for(|line| line.ends_with(" is now alice"));
+    (bob, pty, client)
+}
+
 /// A client in a pty (`--no-time`) connected to a fake server that has sent the welcome.
 fn terminal_with_fake_server() -> (Pty, Client, TcpStream) {
     let (listener, port) = fake_server();
@@ -171,7 +168,7 @@ fn stamped(row: &str, rest: &str) -> bool {
 #[test]
 fn plain_mode_sends_nothing_after_quit() {
     let (listener, port) = fake_server();
-    let mut client = piped_client(port, &[]);
+    let mut client = spawn_piped_client(port, &[]);
     let mut stdin = client.stdin.take().unwrap();
     stdin
         .write_all(b"before\n/quit\nafter one\nafter two\n")
@@ -252,7 +249,7 @@ fn assert_nothing_hostile(output: &[u8]) {
 #[test]
 fn plain_mode_prints_server_text_cleaned_and_bounded() {
     let (listener, port) = fake_server();
-    let mut client = piped_client(port, &[]);
+    let mut client = spawn_piped_client(port, &[]);
     let mut stdin = client.stdin.take().unwrap();
     stdin.write_all(b"/quit\n").unwrap();
     let mut stream = accept(&listener);
@@ -454,11 +451,8 @@ fn terminal_history_replay_burst_keeps_the_input_line() {
 #[test]
 fn terminal_line_editing_keys_edit_what_is_sent() {
     let server = start_chat_only();
-    let mut bob = Chat::named(server.addr, "bob");
-    let mut pty = terminal();
-    let mut client = client_on(&pty, server.addr.port(), &["--nick", "alice", "--no-time"]);
-    pty.wait_for_text("is now alice");
-    bob.wait_for(|line| line.ends_with(" is now alice"));
+    let (mut bob, mut pty, mut client) =
+        alice_in_a_terminal_with_bob(server.addr, &["--nick", "alice", "--no-time"]);
 
     // Left, Ctrl-A, Ctrl-E.
     pty.type_keys(b"helo\x1b[Dl\x01[\x05]\r");
@@ -506,11 +500,8 @@ fn terminal_line_editing_keys_edit_what_is_sent() {
 #[test]
 fn terminal_shows_time_colours_mentions_and_own_lines() {
     let server = start_chat_only();
-    let mut bob = Chat::named(server.addr, "bob");
-    let mut pty = terminal();
-    let mut client = client_on(&pty, server.addr.port(), &["--nick", "alice"]);
-    pty.wait_for_text("is now alice");
-    bob.wait_for(|line| line.ends_with(" is now alice"));
+    let (mut bob, mut pty, mut client) =
+        alice_in_a_terminal_with_bob(server.addr, &["--nick", "alice"]);
     bob.send("hi alice!");
     pty.wait_for("bob's line", |screen| {
         screen_rows(screen)

@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 use super::DEADLINE;
 
 pub const SERVER: &str = env!("CARGO_BIN_EXE_peerchat-server");
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
+
+/// Starts the client binary in plain mode against `port` on loopback, its standard streams
+/// piped.
+pub fn spawn_piped_client(port: u16, flags: &[&str]) -> Child {
+    Command::new(CLIENT)
+        .args(["--port", &port.to_string()])
+        .args(flags)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client")
+}
 
 /// Runs a command to completion within `DEADLINE`, killing it otherwise.
 pub fn run_bounded(mut child: Child) -> Output {
