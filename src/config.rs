@@ -5,6 +5,8 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -49,6 +51,16 @@ pub const DEFAULT_KEEPALIVE_SECS: u64 = 60;
 pub const DEFAULT_HISTORY_ON_JOIN: usize = 20;
 /// Most stored messages one `/history N` may ask for: a few screens, and a bounded query.
 pub const DEFAULT_HISTORY_MAX: usize = 500;
+/// Connections one IP address may hold at once: enough for a household or an office behind one
+/// NAT, far too few for one host to take every slot. `0` turns the limit off.
+pub const DEFAULT_MAX_PER_IP: usize = 32;
+/// Addresses `--max-per-ip` does not apply to: the local host, where operators run tools,
+/// benches and tests (ergo exempts localhost the same way). Other loopback addresses
+/// (127.0.0.2) are limited like any other.
+pub const DEFAULT_MAX_PER_IP_EXEMPT: &str = "127.0.0.1,::1";
+/// Output pending over all clients together before the client with the most is disconnected
+/// as a slow consumer. `--max-output` alone lets 10 000 clients that do not read hold 10 GiB.
+pub const DEFAULT_MAX_OUTPUT_TOTAL: usize = 256 * 1024 * 1024;
 /// Database used when `PEERCHAT_MONGO_URI` and `--mongo-uri` are absent.
 pub const DEFAULT_MONGO_URI: &str = "mongodb://127.0.0.1:27017";
 /// Environment variable that supplies the MongoDB URI.
@@ -88,8 +100,28 @@ pub struct ServerConfig {
     pub history_on_join: usize,
     /// Most stored messages one `/history` request gets.
     pub history_max: usize,
+    /// Serve plain TCP on `port` (`--no-plain`: TLS only).
+    pub plain: bool,
+    /// A TLS listener beside the plain one, if asked for.
+    pub tls: Option<TlsListen>,
+    /// Connections one address may hold (`0`: no limit), except `max_per_ip_exempt`.
+    pub max_per_ip: usize,
+    pub max_per_ip_exempt: Vec<IpAddr>,
+    /// Output pending over all clients before the largest backlog is cut off.
+    pub max_output_total: usize,
+    /// How often the `/stats` line is logged; `None`: never.
+    pub stats_interval: Option<Duration>,
     /// `None` with `--no-persist`: no database at all.
     pub store: Option<StoreConfig>,
+}
+
+/// The TLS listener: its port and the PEM files certbot writes (`fullchain.pem`, `privkey.pem`).
+/// The files are read when the server starts, not here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsListen {
+    pub port: u16,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// What one client may send and leave unread before it is refused or disconnected.
@@ -175,6 +207,13 @@ impl ServerConfig {
             log_level: Level::Info,
             history_on_join: DEFAULT_HISTORY_ON_JOIN,
             history_max: DEFAULT_HISTORY_MAX,
+            plain: true,
+            tls: None,
+            max_per_ip: DEFAULT_MAX_PER_IP,
+            max_per_ip_exempt: parse_addresses(DEFAULT_MAX_PER_IP_EXEMPT)
+                .expect("default exempt addresses parse"),
+            max_output_total: DEFAULT_MAX_OUTPUT_TOTAL,
+            stats_interval: None,
             store,
         }
     }
@@ -232,6 +271,18 @@ Options:
                            0 sends none; at most --history-max [default: 20]
   --history-max N          most stored messages one /history N shows (up to 10000)
                            [default: 500]
+  --no-plain               serve TLS only: no plain listener (--port is not used)
+  --tls-port PORT          also serve TLS on this port (needs --tls-cert and --tls-key)
+  --tls-cert FILE          certificate chain, PEM (certbot's fullchain.pem)
+  --tls-key FILE           private key, PEM (certbot's privkey.pem)
+  --max-per-ip N           connections one IP address may hold; more are told so and
+                           closed; 0 turns the limit off [default: 32]
+  --max-per-ip-exempt LIST comma-separated addresses --max-per-ip does not apply to
+                           [default: 127.0.0.1,::1]
+  --max-output-total BYTES output pending over all clients; when a line would pass it, the
+                           client with the most pending output is disconnected as a slow
+                           consumer [default: 268435456]
+  --stats-interval SECS    log the /stats line every SECS seconds; 0 never [default: 0]
   --mongo-uri URI          MongoDB to store messages in, e.g. mongodb+srv://… for Atlas
                            [default: $PEERCHAT_MONGO_URI, else mongodb://127.0.0.1:27017]
   --mongo-db NAME          database name [default: peerchat]
@@ -381,6 +432,20 @@ pub fn parse_server_args(
         10_000,
     )?;
     let history_max = bounded(&mut args, "--history-max", DEFAULT_HISTORY_MAX, 1, 10_000)?;
+    let plain = !args.contains("--no-plain");
+    let tls = tls_listen(&mut args, plain)?;
+    let max_per_ip = bounded(&mut args, "--max-per-ip", DEFAULT_MAX_PER_IP, 0, 1_000_000)?;
+    let exempt: Option<String> = optional(&mut args, "--max-per-ip-exempt")?;
+    let max_per_ip_exempt = parse_addresses(exempt.as_deref().unwrap_or(DEFAULT_MAX_PER_IP_EXEMPT))
+        .map_err(|bad| ArgError(format!("--max-per-ip-exempt: '{bad}' is not an IP address")))?;
+    let max_output_total = bounded(
+        &mut args,
+        "--max-output-total",
+        DEFAULT_MAX_OUTPUT_TOTAL,
+        1024,
+        1 << 40,
+    )?;
+    let stats_secs = bounded(&mut args, "--stats-interval", 0, 0, 86_400)?;
     let uri = optional(&mut args, "--mongo-uri")?;
     let database = optional(&mut args, "--mongo-db")?;
     let collection = optional(&mut args, "--mongo-collection")?;
@@ -460,8 +525,41 @@ pub fn parse_server_args(
         // No more on join than any request may get: `--history-max 5` alone means 5 on join.
         history_on_join: history_on_join.min(history_max),
         history_max,
+        plain,
+        tls,
+        max_per_ip,
+        max_per_ip_exempt,
+        max_output_total,
+        stats_interval: (stats_secs > 0).then(|| Duration::from_secs(stats_secs)),
         store,
     }))
+}
+
+/// `--tls-port`, `--tls-cert` and `--tls-key` come together or not at all; `--no-plain` (plain
+/// is false) needs them.
+fn tls_listen(args: &mut pico_args::Arguments, plain: bool) -> Result<Option<TlsListen>, ArgError> {
+    let port: Option<u16> = optional(args, "--tls-port")?;
+    let cert: Option<PathBuf> = optional(args, "--tls-cert")?;
+    let key: Option<PathBuf> = optional(args, "--tls-key")?;
+    match (port, cert, key) {
+        (Some(port), Some(cert), Some(key)) => Ok(Some(TlsListen { port, cert, key })),
+        (None, None, None) if plain => Ok(None),
+        (None, None, None) => Err(ArgError(
+            "--no-plain: needs a TLS listener (--tls-port, --tls-cert, --tls-key)".to_string(),
+        )),
+        _ => Err(ArgError(
+            "--tls-port, --tls-cert and --tls-key go together".to_string(),
+        )),
+    }
+}
+
+/// A comma-separated list of IP addresses (empty: none); the error is the first bad item.
+fn parse_addresses(list: &str) -> Result<Vec<IpAddr>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| item.parse::<IpAddr>().map_err(|_| item.to_string()))
+        .collect()
 }
 
 /// Rejects a URI the driver cannot parse (scheme, hosts, options), so a typo stops the server at
@@ -579,6 +677,61 @@ mod tests {
             Ok(Parsed::Run(config)) => config,
             other => panic!("expected a config, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn tls_limits_and_stats_flags() {
+        let config = run(server(&[], None));
+        assert!(config.plain && config.tls.is_none());
+        assert_eq!(config.max_per_ip, 32);
+        assert_eq!(
+            config.max_per_ip_exempt,
+            vec![
+                "127.0.0.1".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(config.max_output_total, 256 * 1024 * 1024);
+        assert_eq!(config.stats_interval, None);
+
+        let tls = [
+            "--tls-port",
+            "6697",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ];
+        let config = run(server(&tls, None));
+        assert_eq!(
+            config.tls,
+            Some(TlsListen {
+                port: 6697,
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        let mut tls_only = tls.to_vec();
+        tls_only.push("--no-plain");
+        assert!(!run(server(&tls_only, None)).plain);
+        assert!(server(&["--no-plain"], None).is_err());
+        assert!(server(&["--tls-port", "6697"], None).is_err());
+
+        let config = run(server(
+            &[
+                "--max-per-ip",
+                "0",
+                "--max-per-ip-exempt",
+                "",
+                "--stats-interval",
+                "5",
+            ],
+            None,
+        ));
+        assert_eq!((config.max_per_ip, config.max_per_ip_exempt.len()), (0, 0));
+        assert_eq!(config.stats_interval, Some(Duration::from_secs(5)));
+        let bad = server(&["--max-per-ip-exempt", "10.0.0.1,nope"], None).unwrap_err();
+        assert!(bad.0.contains("'nope'"), "{bad}");
     }
 
     #[test]

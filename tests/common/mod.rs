@@ -7,6 +7,7 @@
 pub mod process;
 pub mod proxy;
 pub mod pty;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
