@@ -4,7 +4,8 @@
 //! ```text
 //! cargo bench --bench broadcast                          # default scenarios, peerchat only
 //! cargo bench --bench broadcast -- --peer redis --runs 3 # side by side with redis-server
-//! cargo bench --bench broadcast -- --quick               # tiny run (CI)
+//! cargo bench --bench broadcast -- --quick               # tiny run (CI), TLS rows included
+//! cargo bench --bench broadcast -- --tls --peer redis --runs 3  # n=100 p=10, plain and over TLS
 //! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 20000 --window 64,256
 //! cargo bench --bench broadcast -- --idle 1000,10000     # idle memory per connection only
 //! cargo bench --bench broadcast -- --storm 10000 --peer redis  # reconnect storm only
@@ -14,10 +15,13 @@
 //! best is kept), `--peer redis`, `--persist` (peerchat stores every message in a SecantusDB the
 //! bench starts), `--idle` counts, `--storm` client counts (see `support::storm`),
 //! `--room-interval` milliseconds between two lines of one room member during a storm (0: the
-//! room is silent), `--storm-silent` (peerchat storm clients send nothing at all), `--quick`.
+//! room is silent), `--storm-silent` (peerchat storm clients send nothing at all), `--quick`,
+//! `--tls` (every scenario also over TLS, each server serving TLS only, with a certificate the
+//! bench makes; without `-n`/`-p` it measures only the TLS goal's scenario, N=100 P=10).
 //!
 //! Each run is printed as it finishes; then, per scenario, the best run of each server side by
-//! side with the ratios and goals. Every run is appended as a JSON line to
+//! side with the ratios and goals, and with TLS rows, the four rows (each server plain and over
+//! TLS) with what TLS costs. Every run is appended as a JSON line to
 //! `target/bench-results/broadcast.jsonl` (storm runs with `"scenario":"storm"`).
 
 mod support;
@@ -37,14 +41,38 @@ const QUICK_DELIVERIES: u64 = 200_000;
 /// a second, each delivered to every storm client too (100 000 deliveries a second at 10 000
 /// clients). Ten times that is fan-out work enough to keep Redis busy on its own.
 const ROOM_INTERVAL_MS: u64 = 1000;
+/// The TLS goal (issue 12): peerchat over TLS delivers at least this many times Redis over TLS.
+const GOAL_TLS_RATIO: f64 = 1.5;
+/// The scenario the TLS goal is set for: `--tls` without `-n`/`-p` runs this one.
+const TLS_SCENARIO: (usize, usize) = (100, 10);
 /// Storm goals (issue 10), for 10 000 clients on a 2-core machine.
 const GOAL_ALL_GREETED_S: f64 = 1.0;
 const GOAL_PRESENCE_MB: f64 = 20.0;
+
+/// One column of the fan-out bench: a server, over plain TCP or over TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    kind: Kind,
+    tls: bool,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match (self.kind, self.tls) {
+            (Kind::Peerchat, false) => "peerchat",
+            (Kind::Peerchat, true) => "peerchat-tls",
+            (Kind::Redis, false) => "redis",
+            (Kind::Redis, true) => "redis-tls",
+        }
+    }
+}
 
 /// What the command line asked for.
 struct Options {
     scenarios: Vec<Scenario>,
     servers: Vec<Kind>,
+    /// Every server plain and, with `--tls` or `--quick`, over TLS, in the order runs alternate.
+    targets: Vec<Target>,
     runs: usize,
     persist: bool,
     idle_counts: Vec<usize>,
@@ -81,21 +109,22 @@ fn fan_out(options: &Options) -> bool {
     let mut failed = false;
     let mut summary = Vec::new();
     for scenario in &options.scenarios {
-        let mut best: Vec<(Kind, Outcome)> = Vec::new();
+        let mut best: Vec<(Target, Outcome)> = Vec::new();
         for run in 1..=options.runs {
-            for &kind in &options.servers {
-                let server = match (kind, &persist_flags) {
-                    (Kind::Peerchat, Some(flags)) => ServerProcess::peerchat(
-                        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
-                    ),
-                    _ => ServerProcess::start(kind),
+            for &target in &options.targets {
+                let server = match (target.kind, &persist_flags) {
+                    (Kind::Peerchat, Some(flags)) if target.tls => {
+                        ServerProcess::peerchat_tls(flags)
+                    }
+                    (Kind::Peerchat, Some(flags)) => ServerProcess::peerchat(flags),
+                    _ => ServerProcess::start_over(target.kind, target.tls),
                 };
                 let outcome = load::run(&server, scenario);
                 drop(server);
-                print_run(kind, scenario, run, &outcome);
-                save_run(kind, scenario, run, options.persist, &outcome);
+                print_run(target, scenario, run, &outcome);
+                save_run(target, scenario, run, options.persist, &outcome);
                 failed |= !outcome.complete();
-                keep_best(&mut best, kind, outcome);
+                keep_best(&mut best, target, outcome);
             }
         }
         summary.push((scenario.clone(), best));
@@ -103,14 +132,17 @@ fn fan_out(options: &Options) -> bool {
     if options.servers.len() > 1 || options.runs > 1 {
         print_summary(&summary);
     }
+    if options.targets.iter().any(|t| t.tls) {
+        print_tls_summary(&summary, options.runs);
+    }
     failed
 }
 
-fn keep_best(best: &mut Vec<(Kind, Outcome)>, kind: Kind, outcome: Outcome) {
-    match best.iter_mut().find(|(k, _)| *k == kind) {
+fn keep_best(best: &mut Vec<(Target, Outcome)>, target: Target, outcome: Outcome) {
+    match best.iter_mut().find(|(t, _)| *t == target) {
         Some((_, kept)) if kept.delivered_per_sec() >= outcome.delivered_per_sec() => {}
         Some((_, kept)) => *kept = outcome,
-        None => best.push((kind, outcome)),
+        None => best.push((target, outcome)),
     }
 }
 
@@ -123,6 +155,7 @@ fn parse_options() -> Options {
     let quick = args.contains("--quick");
     let persist = args.contains("--persist");
     let silent = args.contains("--storm-silent");
+    let tls = args.contains("--tls");
     let number = |args: &mut pico_args::Arguments, name: &'static str| -> Option<u64> {
         args.opt_value_from_str(name)
             .unwrap_or_else(|err| die(&format!("{name}: {err}")))
@@ -148,6 +181,7 @@ fn parse_options() -> Options {
     let servers = servers(peer.as_deref());
     let pairs: Vec<(usize, usize)> = match (receivers, senders) {
         (Some(n), Some(p)) => vec![(n as usize, p as usize)],
+        (None, None) if tls => vec![TLS_SCENARIO],
         (None, None) if quick => vec![(10, 1), (10, 10)],
         (None, None) => [10, 100, 1000]
             .into_iter()
@@ -178,8 +212,9 @@ fn parse_options() -> Options {
             })
             .collect()
     };
-    // Idle memory and the storm are part of the default run, not of a single chosen scenario.
-    let chosen = receivers.is_some() || idle.is_some() || storm.is_some();
+    // Idle memory and the storm are part of the default run, not of a single chosen scenario
+    // (`--tls` chooses the TLS goal's).
+    let chosen = receivers.is_some() || tls || idle.is_some() || storm.is_some();
     let idle_counts = match idle {
         Some(list) => number_list("--idle", &list),
         None if chosen => Vec::new(),
@@ -192,9 +227,20 @@ fn parse_options() -> Options {
         None if quick => vec![1000],
         None => vec![10_000],
     };
+    // CI's `--quick` covers TLS too, briefly.
+    let over = if tls || quick {
+        &[false, true][..]
+    } else {
+        &[false][..]
+    };
+    let targets = servers
+        .iter()
+        .flat_map(|&kind| over.iter().map(move |&tls| Target { kind, tls }))
+        .collect();
     Options {
         scenarios,
         servers,
+        targets,
         runs,
         persist,
         idle_counts,
@@ -232,13 +278,13 @@ fn servers(peer: Option<&str>) -> Vec<Kind> {
 
 fn print_run_header() {
     println!(
-        "{:<9} {:<22} {:>3} {:>11} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>11} {:>6} {:>6} {:<10} complete",
+        "{:<12} {:<22} {:>3} {:>11} {:>7} {:>6} {:>6} {:>6} {:>7} {:>6} {:>11} {:>6} {:>6} {:<10} complete",
         "server", "scenario", "run", "deliv/s", "MB/s", "p50µs", "p99µs", "p99.9", "max µs",
         "cpu s", "deliv/cpu-s", "rss MB", "gen s", "limit"
     );
 }
 
-fn print_run(kind: Kind, scenario: &Scenario, run: usize, o: &Outcome) {
+fn print_run(target: Target, scenario: &Scenario, run: usize, o: &Outcome) {
     let complete = if o.complete() {
         "yes".to_string()
     } else {
@@ -248,8 +294,8 @@ fn print_run(kind: Kind, scenario: &Scenario, run: usize, o: &Outcome) {
         )
     };
     println!(
-        "{:<9} {:<22} {:>3} {:>11.0} {:>7.1} {:>6} {:>6} {:>6} {:>7} {:>6.2} {:>11.0} {:>6.1} {:>6.2} {:<10} {}",
-        kind.name(),
+        "{:<12} {:<22} {:>3} {:>11.0} {:>7.1} {:>6} {:>6} {:>6} {:>7} {:>6.2} {:>11.0} {:>6.1} {:>6.2} {:<10} {}",
+        target.name(),
         scenario.label(),
         run,
         o.delivered_per_sec(),
@@ -270,11 +316,16 @@ fn print_run(kind: Kind, scenario: &Scenario, run: usize, o: &Outcome) {
     }
 }
 
-fn save_run(kind: Kind, scenario: &Scenario, run: usize, persist: bool, o: &Outcome) {
+fn save_run(target: Target, scenario: &Scenario, run: usize, persist: bool, o: &Outcome) {
     append_json(
         "broadcast.jsonl",
         &[
-            ("server", json_str(kind.name())),
+            ("server", json_str(target.kind.name())),
+            ("tls", target.tls.to_string()),
+            (
+                "tls_suite",
+                o.tls_suite.as_deref().map_or("null".into(), json_str),
+            ),
             ("receivers", scenario.receivers.to_string()),
             ("senders", scenario.senders.to_string()),
             ("size", scenario.size.to_string()),
@@ -304,8 +355,8 @@ fn save_run(kind: Kind, scenario: &Scenario, run: usize, persist: bool, o: &Outc
     );
 }
 
-/// Per scenario, the best run of each server side by side, with ratios and the goals.
-fn print_summary(summary: &[(Scenario, Vec<(Kind, Outcome)>)]) {
+/// Per scenario, the best plain run of each server side by side, with ratios and the goals.
+fn print_summary(summary: &[(Scenario, Vec<(Target, Outcome)>)]) {
     println!("\nBest run per server (by delivered/s), side by side:");
     for (scenario, best) in summary {
         println!(
@@ -315,7 +366,7 @@ fn print_summary(summary: &[(Scenario, Vec<(Kind, Outcome)>)]) {
             "redis",
             "ratio"
         );
-        let get = |kind| best.iter().find(|(k, _)| *k == kind).map(|(_, o)| o);
+        let get = |kind| best_of(best, Target { kind, tls: false });
         let (Some(ours), theirs) = (get(Kind::Peerchat), get(Kind::Redis)) else {
             continue;
         };
@@ -365,6 +416,108 @@ fn print_summary(summary: &[(Scenario, Vec<(Kind, Outcome)>)]) {
         };
         println!("  {:<20} {limits:>25}", "limit (ours / redis)");
     }
+}
+
+fn best_of(best: &[(Target, Outcome)], target: Target) -> Option<&Outcome> {
+    best.iter().find(|(t, _)| *t == target).map(|(_, o)| o)
+}
+
+/// Server CPU microseconds per delivery.
+fn cpu_us_per_delivery(o: &Outcome) -> f64 {
+    o.server_cpu * 1e6 / o.delivered.max(1) as f64
+}
+
+/// Per scenario with TLS rows: each server plain and over TLS (best run of each), peerchat over
+/// TLS against Redis over TLS (the goal), and what TLS costs each server.
+fn print_tls_summary(summary: &[(Scenario, Vec<(Target, Outcome)>)], runs: usize) {
+    let which = if runs > 1 {
+        format!("best of {runs} runs of each row by delivered/s")
+    } else {
+        "one run of each row".to_string()
+    };
+    println!("\nPlain and over TLS ({which}):");
+    for (scenario, best) in summary {
+        let rows: Vec<(Target, &Outcome)> = [Kind::Peerchat, Kind::Redis]
+            .into_iter()
+            .flat_map(|kind| [false, true].map(|tls| Target { kind, tls }))
+            .filter_map(|t| best_of(best, t).map(|o| (t, o)))
+            .collect();
+        println!(
+            "\n  {:<22} {:>12} {:>11} {:>9} {:>12} {:>13} {:>8} {:>10}  {:<10} cipher suite",
+            scenario.label(),
+            "delivered/s",
+            "server CPU s",
+            "CPU %",
+            "deliv/CPU-s",
+            "CPU µs/deliv",
+            "p99 µs",
+            "gen CPU s",
+            "limit"
+        );
+        for (target, o) in &rows {
+            let name = format!(
+                "{} {}",
+                target.kind.name(),
+                if target.tls { "TLS" } else { "plain" }
+            );
+            println!(
+                "  {name:<22} {:>12.0} {:>11.2} {:>9.0} {:>12.0} {:>13.3} {:>8} {:>10.2}  {:<10} {}",
+                o.delivered_per_sec(),
+                o.server_cpu,
+                100.0 * o.server_cpu / o.seconds,
+                o.delivered_per_cpu_sec(),
+                cpu_us_per_delivery(o),
+                o.latency_us[1],
+                o.generator_cpu,
+                o.limit(),
+                o.tls_suite.as_deref().unwrap_or("-")
+            );
+        }
+        let get = |kind, tls| best_of(best, Target { kind, tls });
+        match (get(Kind::Peerchat, true), get(Kind::Redis, true)) {
+            (Some(ours), Some(theirs)) => {
+                let ratio = ours.delivered_per_sec() / theirs.delivered_per_sec();
+                let met = if ratio >= GOAL_TLS_RATIO {
+                    "met"
+                } else {
+                    "NOT MET"
+                };
+                println!(
+                    "  peerchat TLS / redis TLS: {ratio:.2}× delivered/s (goal ≥ {GOAL_TLS_RATIO}×: \
+                     {met}), {:.2}× deliveries per server CPU-s",
+                    ours.delivered_per_cpu_sec() / theirs.delivered_per_cpu_sec()
+                );
+            }
+            (Some(_), None) => println!("  (no Redis over TLS in this run: no goal ratio)"),
+            _ => {}
+        }
+        for kind in [Kind::Peerchat, Kind::Redis] {
+            let (Some(plain), Some(tls)) = (get(kind, false), get(kind, true)) else {
+                continue;
+            };
+            let (before, after) = (cpu_us_per_delivery(plain), cpu_us_per_delivery(tls));
+            println!(
+                "  {} TLS / plain: {:.2}× delivered/s; server CPU per delivery {before:.3} → \
+                 {after:.3} µs (+{:.3} µs, {:.2}×){}",
+                kind.name(),
+                tls.delivered_per_sec() / plain.delivered_per_sec(),
+                after - before,
+                after / before,
+                if kind == Kind::Peerchat {
+                    ": each message encrypted once per receiver"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    println!(
+        "\n  Over TLS the bench's own receivers decrypt every delivery (rustls, in the generator \
+         process), on the same {cores} cores as the server: gen CPU s is that work, the same \
+         for both servers. CPU µs/deliv is server CPU only. MB/s in the runs above counts \
+         plaintext."
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,9 +6,14 @@
 //! the window allows in one `write`, as a real client would. Receivers are spread over a few
 //! mio threads. Every message carries its sender, a sequence number and its send time, so the
 //! receivers check per-sender order and completeness and measure latency.
+//!
+//! A server started over TLS (`ServerProcess::tls`) gets the same load over TLS: every
+//! connection does its handshake first (blocking), senders encrypt each batch once, and the
+//! receiving threads read ciphertext in large chunks and decrypt it with rustls. That
+//! decryption is generator CPU on the same machine, the same for both servers.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream as StdStream};
+use std::net::TcpStream as StdStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, Thread};
@@ -19,6 +24,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::servers::{Kind, ServerProcess};
 use super::stats::{own_cpu_seconds, Histogram};
+use super::tls::{self, Session};
 
 /// A run that makes no progress for this long is declared stuck.
 const STALL: Duration = Duration::from_secs(10);
@@ -69,8 +75,10 @@ pub struct Outcome {
     pub peak_rss_kib: u64,
     /// p50, p99, p99.9, max in µs.
     pub latency_us: [u64; 4],
-    /// Bytes each delivery took on the wire, for MB/s.
+    /// Bytes each delivery took on the wire, for MB/s (plaintext: TLS framing not counted).
     pub wire_bytes: usize,
+    /// The TLS cipher suite the connections agreed on; `None` over plain TCP.
+    pub tls_suite: Option<String>,
 }
 
 impl Outcome {
@@ -110,8 +118,12 @@ impl Outcome {
 pub fn run(server: &ServerProcess, scenario: &Scenario) -> Outcome {
     let kind = server.kind;
     // Receivers first: a peerchat receiver must be in the room to see the senders' renames.
-    let receivers = connect_receivers(server.addr, kind, scenario.receivers);
-    let mut senders = connect_senders(server.addr, kind, scenario.senders);
+    let receivers = connect_receivers(server, scenario.receivers);
+    let mut senders = connect_senders(server, scenario.senders);
+    let tls_suite = receivers
+        .first()
+        .and_then(|link| link.tls.as_ref())
+        .map(tls::cipher_suite);
     let shared = Arc::new(Shared {
         delivered: AtomicU64::new(0),
         not_saved: AtomicU64::new(0),
@@ -120,7 +132,7 @@ pub fn run(server: &ServerProcess, scenario: &Scenario) -> Outcome {
         sending_thread: thread::current(),
         base: Instant::now(),
     });
-    let sender_inputs = senders.iter().map(|s| s.try_clone().unwrap()).collect();
+    let sender_inputs = senders.iter().map(Link::try_clone).collect();
     let readers = spawn_readers(kind, scenario, receivers, sender_inputs, &shared);
     wait_until_ready(&shared);
 
@@ -153,6 +165,7 @@ pub fn run(server: &ServerProcess, scenario: &Scenario) -> Outcome {
         peak_rss_kib: server.memory_kib("VmHWM"),
         latency_us: histogram.percentiles(),
         wire_bytes: delivery_frame_len(kind, scenario.size, 1),
+        tls_suite,
     }
 }
 
@@ -169,28 +182,84 @@ struct Shared {
     base: Instant,
 }
 
-fn connect_senders(addr: SocketAddr, kind: Kind, count: usize) -> Vec<StdStream> {
+/// One connection of the generator: the socket, and the TLS session over it when the server
+/// is measured over TLS.
+struct Link {
+    socket: StdStream,
+    tls: Option<Session>,
+}
+
+impl Link {
+    /// Connects to `server`, TLS handshake included when it serves TLS.
+    fn connect(server: &ServerProcess, what: &str) -> Link {
+        let mut socket =
+            StdStream::connect(server.addr).unwrap_or_else(|err| panic!("connect {what}: {err}"));
+        let tls = server
+            .tls
+            .as_ref()
+            .map(|config| tls::handshake(config, &mut socket));
+        Link { socket, tls }
+    }
+
+    /// Writes all of `bytes`, encrypted first over TLS; `sealed` is scratch for the records.
+    fn send(&mut self, bytes: &[u8], sealed: &mut Vec<u8>) {
+        let wire = match &self.tls {
+            None => bytes,
+            Some(session) => {
+                tls::seal(session, bytes, sealed);
+                sealed
+            }
+        };
+        write_fully(&mut self.socket, wire);
+    }
+
+    /// The same connection for a receiving thread to read (TLS: the same session).
+    fn try_clone(&self) -> Link {
+        Link {
+            socket: self.socket.try_clone().expect("clone a sender socket"),
+            tls: self.tls.clone(),
+        }
+    }
+}
+
+/// `write_all` that waits out `WouldBlock`: a receiving thread reads a sender's input through a
+/// clone of its socket, and making that clone nonblocking made this one nonblocking too.
+fn write_fully(socket: &mut StdStream, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        match socket.write(bytes) {
+            Ok(0) => panic!("send: the server closed the connection"),
+            Ok(n) => bytes = &bytes[n..],
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_micros(50))
+            }
+            Err(err) => panic!("send: {err}"),
+        }
+    }
+}
+
+fn connect_senders(server: &ServerProcess, count: usize) -> Vec<Link> {
+    let mut sealed = Vec::new();
     (0..count)
         .map(|index| {
-            let mut sender = StdStream::connect(addr).expect("connect sender");
-            sender.set_nodelay(true).unwrap(); // no Nagle delay on a small final write
-            if kind == Kind::Peerchat {
+            let mut sender = Link::connect(server, "sender");
+            sender.socket.set_nodelay(true).unwrap(); // no Nagle delay on a small final write
+            if server.kind == Kind::Peerchat {
                 // Receivers are ready once they have seen every sender take its name.
-                sender
-                    .write_all(format!("/nick s{index}\n").as_bytes())
-                    .unwrap();
+                sender.send(format!("/nick s{index}\n").as_bytes(), &mut sealed);
             }
             sender
         })
         .collect()
 }
 
-fn connect_receivers(addr: SocketAddr, kind: Kind, count: usize) -> Vec<StdStream> {
+fn connect_receivers(server: &ServerProcess, count: usize) -> Vec<Link> {
+    let mut sealed = Vec::new();
     (0..count)
         .map(|_| {
-            let mut receiver = StdStream::connect(addr).expect("connect receiver");
-            if kind == Kind::Redis {
-                receiver.write_all(b"SUBSCRIBE chat\r\n").unwrap();
+            let mut receiver = Link::connect(server, "receiver");
+            if server.kind == Kind::Redis {
+                receiver.send(b"SUBSCRIBE chat\r\n", &mut sealed);
             }
             receiver
         })
@@ -229,10 +298,11 @@ fn wait_for_deliveries(delivered: &AtomicU64, expected: u64) -> u64 {
 // Sending
 
 /// Sends every sender's messages within the window and, if set, the rate.
-fn send_all(kind: Kind, senders: &mut [StdStream], scenario: &Scenario, shared: &Shared) {
+fn send_all(kind: Kind, senders: &mut [Link], scenario: &Scenario, shared: &Shared) {
     let per_delivery_round = (scenario.receivers * scenario.senders) as u64;
     let started = Instant::now();
     let mut batch = Vec::new();
+    let mut sealed = Vec::new();
     let mut next_seq = 0u64;
     while next_seq < scenario.messages_per_sender {
         let delivered_rounds = shared.delivered.load(Ordering::Acquire) / per_delivery_round;
@@ -254,7 +324,7 @@ fn send_all(kind: Kind, senders: &mut [StdStream], scenario: &Scenario, shared: 
             for seq in next_seq..next_seq + room {
                 encode_message(kind, &mut batch, index, seq, now, scenario.size);
             }
-            sender.write_all(&batch).expect("send");
+            sender.send(&batch, &mut sealed);
         }
         next_seq += room;
     }
@@ -285,6 +355,13 @@ fn encode_message(kind: Kind, out: &mut Vec<u8>, sender: usize, seq: u64, now: u
 /// One socket a receiving thread reads.
 struct Reader {
     socket: TcpStream,
+    /// The TLS session over `socket`, if any.
+    tls: Option<Session>,
+    progress: Progress,
+}
+
+/// What a reader has seen of its stream so far.
+struct Progress {
     /// The start of a frame that had not fully arrived at the last read.
     partial: Vec<u8>,
     /// Next sequence number expected from each sender; empty for a sender's own socket, whose
@@ -298,12 +375,12 @@ struct Reader {
 fn spawn_readers(
     kind: Kind,
     scenario: &Scenario,
-    receivers: Vec<StdStream>,
-    sender_inputs: Vec<StdStream>,
+    receivers: Vec<Link>,
+    sender_inputs: Vec<Link>,
     shared: &Arc<Shared>,
 ) -> Vec<thread::JoinHandle<(Histogram, u64)>> {
     let threads = scenario.receive_threads.clamp(1, scenario.receivers.max(1));
-    let mut groups: Vec<Vec<(StdStream, bool)>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut groups: Vec<Vec<(Link, bool)>> = (0..threads).map(|_| Vec::new()).collect();
     for (index, socket) in receivers.into_iter().enumerate() {
         groups[index % threads].push((socket, true));
     }
@@ -322,36 +399,46 @@ fn spawn_readers(
 
 /// Reads its sockets until `done`; returns its latency histogram and order violations.
 fn receive(
-    sockets: Vec<(StdStream, bool)>,
+    links: Vec<(Link, bool)>,
     senders: usize,
     frames: &Frames,
     shared: &Shared,
 ) -> (Histogram, u64) {
     let mut poll = Poll::new().unwrap();
     let signs_needed = frames.readiness_signs(senders);
-    let mut readers: Vec<Reader> = sockets
+    let mut readers: Vec<Reader> = links
         .into_iter()
         .enumerate()
-        .map(|(index, (socket, is_receiver))| Reader {
-            socket: register(&poll, socket, index),
-            partial: Vec::new(),
-            next_seq: if is_receiver {
-                vec![0; senders]
-            } else {
-                Vec::new()
+        .map(|(index, (link, is_receiver))| Reader {
+            socket: register(&poll, link.socket, index),
+            tls: link.tls,
+            progress: Progress {
+                partial: Vec::new(),
+                next_seq: if is_receiver {
+                    vec![0; senders]
+                } else {
+                    Vec::new()
+                },
+                signs_missing: if is_receiver { signs_needed } else { 0 },
             },
-            signs_missing: if is_receiver { signs_needed } else { 0 },
         })
         .collect();
     let mut tally = Tally::default();
-    let mut chunk = vec![0u8; CHUNK];
+    let mut buffers = Buffers {
+        chunk: vec![0u8; CHUNK],
+        raw: vec![0u8; CHUNK],
+    };
+    // A TLS handshake may have left text in the session that no readiness event will announce.
+    for reader in &mut readers {
+        read_all(reader, &mut buffers, frames, shared, &mut tally);
+    }
     let mut events = Events::with_capacity(4096);
     while !shared.done.load(Ordering::Acquire) {
         poll.poll(&mut events, Some(Duration::from_millis(20)))
             .unwrap();
         for event in events.iter() {
             let reader = &mut readers[event.token().0];
-            read_all(reader, &mut chunk, frames, shared, &mut tally);
+            read_all(reader, &mut buffers, frames, shared, &mut tally);
         }
         if tally.delivered > 0 {
             shared
@@ -387,18 +474,61 @@ fn register(poll: &Poll, socket: StdStream, token: usize) -> TcpStream {
     socket
 }
 
+/// A receiving thread's buffers.
+struct Buffers {
+    /// Text to cut frames from: a partial frame kept from the last read, then new bytes.
+    chunk: Vec<u8>,
+    /// Ciphertext read from a TLS socket, before decryption.
+    raw: Vec<u8>,
+}
+
 /// Reads `reader` until it would block, handling every whole frame.
 fn read_all(
     reader: &mut Reader,
+    buffers: &mut Buffers,
+    frames: &Frames,
+    shared: &Shared,
+    tally: &mut Tally,
+) {
+    let Reader {
+        socket,
+        tls,
+        progress,
+    } = reader;
+    let Some(session) = tls else {
+        take_in(progress, &mut buffers.chunk, socket, frames, shared, tally);
+        return;
+    };
+    let mut ciphertext = 0;
+    loop {
+        let chunk = &mut buffers.chunk;
+        tls::open(session, &buffers.raw[..ciphertext], |plain| {
+            take_in(progress, chunk, plain, frames, shared, tally)
+        });
+        ciphertext = match socket.read(&mut buffers.raw) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(err) if err.kind() == ErrorKind::Interrupted => 0,
+            Err(err) if err.kind() == ErrorKind::WouldBlock => return,
+            Err(err) => panic!("receiver read: {err}"),
+        };
+    }
+}
+
+/// Reads `source` (a socket, or a TLS session's decrypted text) until it would block, handling
+/// every whole frame.
+fn take_in(
+    progress: &mut Progress,
     chunk: &mut [u8],
+    source: &mut dyn Read,
     frames: &Frames,
     shared: &Shared,
     tally: &mut Tally,
 ) {
     loop {
-        let kept = reader.partial.len();
-        chunk[..kept].copy_from_slice(&reader.partial);
-        let read = match reader.socket.read(&mut chunk[kept..]) {
+        let kept = progress.partial.len();
+        chunk[..kept].copy_from_slice(&progress.partial);
+        let read = match source.read(&mut chunk[kept..]) {
             Ok(0) => return,
             Ok(n) => n,
             Err(err) if err.kind() == ErrorKind::Interrupted => continue,
@@ -406,15 +536,17 @@ fn read_all(
             Err(err) => panic!("receiver read: {err}"),
         };
         let now = shared.base.elapsed().as_nanos() as u64;
-        let used = handle_frames(reader, &chunk[..kept + read], frames, now, shared, tally);
-        reader.partial.clear();
-        reader.partial.extend_from_slice(&chunk[used..kept + read]);
+        let used = handle_frames(progress, &chunk[..kept + read], frames, now, shared, tally);
+        progress.partial.clear();
+        progress
+            .partial
+            .extend_from_slice(&chunk[used..kept + read]);
     }
 }
 
 /// Handles every whole frame in `bytes`; returns how many bytes they took.
 fn handle_frames(
-    reader: &mut Reader,
+    reader: &mut Progress,
     bytes: &[u8],
     frames: &Frames,
     now: u64,

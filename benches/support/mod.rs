@@ -1,5 +1,6 @@
 //! What the benches share: the servers under test as child processes, the load generator, the
-//! database for persistence, and figures (latency histogram, CPU from /proc, JSON lines).
+//! database for persistence, TLS for the generator's clients, and figures (latency histogram,
+//! CPU from /proc, JSON lines).
 //!
 //! Each bench binary uses only part of this, hence the `dead_code` allowance.
 #![allow(dead_code)]
@@ -13,6 +14,7 @@ pub mod load;
 pub mod servers;
 pub mod stats;
 pub mod storm;
+pub mod tls;
 
 /// Stops the bench with a message; exit code 2 means "could not run", 1 means "ran and failed".
 pub fn die(message: &str) -> ! {

@@ -6,9 +6,13 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustls::ClientConfig;
+
+use super::tls::{self, TestCerts};
 use super::{die, end_with_bench};
 
 pub const PEERCHAT: &str = env!("CARGO_BIN_EXE_peerchat-server");
@@ -34,24 +38,49 @@ impl Kind {
 /// A running server; killed when dropped.
 pub struct ServerProcess {
     pub kind: Kind,
+    /// Where clients connect: the plain port, or the TLS port for a server started over TLS
+    /// (it then serves TLS only).
     pub addr: SocketAddr,
+    /// For a server started over TLS: how clients connect (trusting the bench's CA).
+    pub tls: Option<Arc<ClientConfig>>,
     child: Child,
+    /// The certificate files the server loaded; removed after the server is killed.
+    _certs: Option<TestCerts>,
 }
 
 impl ServerProcess {
     /// Starts `peerchat-server` on a free port with flood control off (the generator sends far
     /// above a person's rate) and room for 10 000 idle clients. `extra` adds flags.
     pub fn peerchat<S: AsRef<OsStr>>(extra: &[S]) -> ServerProcess {
+        ServerProcess::peerchat_over(extra, false)
+    }
+
+    /// Like `peerchat`, but serving TLS only (`--tls-port 0 --no-plain`) with a certificate made
+    /// for this run.
+    pub fn peerchat_tls<S: AsRef<OsStr>>(extra: &[S]) -> ServerProcess {
+        ServerProcess::peerchat_over(extra, true)
+    }
+
+    fn peerchat_over<S: AsRef<OsStr>>(extra: &[S], over_tls: bool) -> ServerProcess {
+        let certs = over_tls.then(TestCerts::new);
+        let mut command = Command::new(PEERCHAT);
+        command.args([
+            "--port",
+            "0",
+            "--flood-rate",
+            "0",
+            "--max-clients",
+            "100000",
+        ]);
+        if let Some(certs) = &certs {
+            command
+                .args(["--tls-port", "0", "--no-plain", "--tls-cert"])
+                .arg(&certs.chain)
+                .arg("--tls-key")
+                .arg(&certs.key);
+        }
         let mut child = end_with_bench(
-            Command::new(PEERCHAT)
-                .args([
-                    "--port",
-                    "0",
-                    "--flood-rate",
-                    "0",
-                    "--max-clients",
-                    "100000",
-                ])
+            command
                 .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -60,14 +89,28 @@ impl ServerProcess {
         )
         .spawn()
         .unwrap_or_else(|err| die(&format!("cannot start {PEERCHAT}: {err}")));
+        // `listening on ADDR` or `listening for TLS on ADDR`, possibly followed by more (e.g.
+        // `(backlog 1024)`).
+        let wanted = if over_tls {
+            "listening for TLS on "
+        } else {
+            "listening on "
+        };
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = loop {
-            let line = lines
-                .next()
-                .and_then(Result::ok)
-                .unwrap_or_else(|| die("peerchat-server exited before listening"));
-            // `listening on ADDR`, possibly followed by more (e.g. `(backlog 1024)`).
-            if let Some(rest) = line.split("listening on ").nth(1) {
+            let Some(line) = lines.next().and_then(Result::ok) else {
+                let _ = child.wait();
+                die(&format!(
+                    "peerchat-server exited before logging `{}ADDR`{}",
+                    wanted,
+                    if over_tls {
+                        " (does this build have the TLS listener?)"
+                    } else {
+                        ""
+                    }
+                ));
+            };
+            if let Some(rest) = line.split(wanted).nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or_default();
                 break addr.parse().unwrap_or_else(|_| {
                     die(&format!("no address in the server's log line `{line}`"))
@@ -79,17 +122,34 @@ impl ServerProcess {
         ServerProcess {
             kind: Kind::Peerchat,
             addr,
+            tls: certs.as_ref().map(tls::client_config),
             child,
+            _certs: certs,
         }
     }
 
     /// Starts a `redis-server` configured as the issue asks: no persistence, no output limit
-    /// for pub/sub clients (peerchat's own limit is generous too). `None` if it is not installed.
-    pub fn redis() -> Option<ServerProcess> {
-        let port = free_port();
+    /// for pub/sub clients (peerchat's own limit is generous too). Over TLS it serves TLS only
+    /// (`--port 0 --tls-port P`), with the bench's certificate and no client certificates
+    /// asked for. `None` if it is not installed.
+    pub fn redis(over_tls: bool) -> Option<ServerProcess> {
+        let port = free_port().to_string();
+        let certs = over_tls.then(TestCerts::new);
+        let mut command = Command::new("redis-server");
+        match &certs {
+            None => command.args(["--port", &port]),
+            Some(certs) => command
+                .args(["--port", "0", "--tls-port", &port, "--tls-cert-file"])
+                .arg(&certs.chain)
+                .arg("--tls-key-file")
+                .arg(&certs.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
         let child = end_with_bench(
-            Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            command
+                .args(["--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
                 .args(["--maxclients", "100000", "--protected-mode", "no"])
@@ -100,11 +160,13 @@ impl ServerProcess {
         )
         .spawn()
         .ok()?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr: SocketAddr = ([127, 0, 0, 1], port.parse().unwrap()).into();
         let server = ServerProcess {
             kind: Kind::Redis,
             addr,
+            tls: certs.as_ref().map(tls::client_config),
             child,
+            _certs: certs,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
@@ -118,9 +180,14 @@ impl ServerProcess {
 
     /// Starts a server of `kind`; peerchat without persistence.
     pub fn start(kind: Kind) -> ServerProcess {
+        ServerProcess::start_over(kind, false)
+    }
+
+    /// Starts a server of `kind` serving plain TCP, or TLS only; peerchat without persistence.
+    pub fn start_over(kind: Kind, over_tls: bool) -> ServerProcess {
         match kind {
-            Kind::Peerchat => ServerProcess::peerchat(&["--no-persist"]),
-            Kind::Redis => ServerProcess::redis().unwrap_or_else(|| die(REDIS_MISSING)),
+            Kind::Peerchat => ServerProcess::peerchat_over(&["--no-persist"], over_tls),
+            Kind::Redis => ServerProcess::redis(over_tls).unwrap_or_else(|| die(REDIS_MISSING)),
         }
     }
 
