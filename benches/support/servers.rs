@@ -6,6 +6,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,6 +17,9 @@ use super::tls::{self, TestCerts};
 use super::{die, end_with_bench};
 
 pub const PEERCHAT: &str = env!("CARGO_BIN_EXE_peerchat-server");
+/// How long a server may take to say where it listens (with persistence it may first wait
+/// for the database).
+const LISTENING_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Which server, and so which wire protocol the load generator speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,19 +100,35 @@ impl ServerProcess {
         } else {
             "listening on "
         };
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        // The log is read on a thread of its own, which keeps draining it so the server never
+        // blocks on a full pipe, and hands its lines over here until the address is found.
+        let (lines, log) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let deadline = Instant::now() + LISTENING_DEADLINE;
         let addr = loop {
-            let Some(line) = lines.next().and_then(Result::ok) else {
-                let _ = child.wait();
-                die(&format!(
-                    "peerchat-server exited before logging `{}ADDR`{}",
-                    wanted,
-                    if over_tls {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match log.recv_timeout(left) {
+                Ok(line) => line,
+                Err(err) => {
+                    let why = match err {
+                        RecvTimeoutError::Timeout => "did not log",
+                        RecvTimeoutError::Disconnected => "exited before logging",
+                    };
+                    let hint = if over_tls {
                         " (does this build have the TLS listener?)"
                     } else {
                         ""
-                    }
-                ));
+                    };
+                    die(&format!(
+                        "peerchat-server {why} `{wanted}ADDR` within {} s{hint}",
+                        LISTENING_DEADLINE.as_secs()
+                    ));
+                }
             };
             if let Some(rest) = line.split(wanted).nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or_default();
@@ -117,8 +137,6 @@ impl ServerProcess {
                 });
             }
         };
-        // Keep draining its log so it never blocks on a full pipe.
-        thread::spawn(move || lines.for_each(drop));
         ServerProcess {
             kind: Kind::Peerchat,
             addr,
