@@ -2,8 +2,9 @@
 # Every benchmark the README's table comes from, on a fresh machine: installs redis-server for the
 # side-by-side column if it is missing (root + apt-get), then runs the fan-out bench against
 # peerchat and Redis (best of 3 runs each, at 64 and 256 messages in flight per sender; then idle memory and
-# the reconnect storm of 10 000 clients) and the persistence bench (which installs SecantusDB).
-# Extra arguments go to the broadcast bench, e.g. scripts/bench.sh --runs 1.
+# the reconnect storm of 10 000 clients), the same fan-out at N=100 P=10 plain and over TLS (each server
+# serving TLS only, with a certificate the bench makes), and the persistence bench (which installs
+# SecantusDB). Extra arguments go to both broadcast runs, e.g. scripts/bench.sh --runs 1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,4 +19,5 @@ if ! command -v redis-server >/dev/null; then
   fi
 fi
 cargo bench --bench broadcast -- --peer redis --runs 3 --window 64,256 "$@"
+cargo bench --bench broadcast -- --tls --peer redis --runs 3 --window 64,256 "$@"
 cargo bench --bench persist

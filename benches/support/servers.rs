@@ -165,7 +165,7 @@ impl ServerProcess {
                 .arg(&certs.ca)
                 .args(["--tls-auth-clients", "no"]),
         };
-        let child = end_with_bench(
+        let mut child = end_with_bench(
             command
                 .args(["--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
@@ -179,21 +179,30 @@ impl ServerProcess {
         .spawn()
         .ok()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port.parse().unwrap()).into();
-        let server = ServerProcess {
-            kind: Kind::Redis,
-            addr,
-            tls: certs.as_ref().map(tls::client_config),
-            child,
-            _certs: certs,
-        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                die(&format!(
+                    "redis-server exited at start ({status}){}",
+                    if over_tls {
+                        "; was it built without TLS? (Debian's and Ubuntu's have it)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
             if Instant::now() > deadline {
                 die("redis-server did not start listening within 10 s");
             }
             thread::sleep(Duration::from_millis(20));
         }
-        Some(server)
+        Some(ServerProcess {
+            kind: Kind::Redis,
+            addr,
+            tls: certs.as_ref().map(tls::client_config),
+            child,
+            _certs: certs,
+        })
     }
 
     /// Starts a server of `kind`; peerchat without persistence.
