@@ -39,6 +39,8 @@ pub enum CloseReason {
     WriteError(ErrorKind),
     /// The client did not read and its pending output passed `--max-output`.
     SlowConsumer,
+    /// All clients' pending output reached `--max-output-total` and this one had the most.
+    LargestBacklog,
     /// The client kept sending lines over `--max-line`.
     TooManyOverlong,
     /// The server is stopping.
@@ -48,6 +50,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Cut off for not reading (its own limit or the total one): counted and logged as such.
+    pub fn is_slow_consumer(self) -> bool {
+        matches!(
+            self,
+            CloseReason::SlowConsumer | CloseReason::LargestBacklog
+        )
+    }
+
     /// Whether output still pending is worth sending before closing: not after an I/O error,
     /// and not to a slow consumer, whose backlog is the problem.
     pub fn flushes_first(self) -> bool {
@@ -68,6 +78,9 @@ impl CloseReason {
             CloseReason::ReadError(kind) => format!("read error: {kind}"),
             CloseReason::WriteError(kind) => format!("write error: {kind}"),
             CloseReason::SlowConsumer => "slow consumer: output limit reached".to_string(),
+            CloseReason::LargestBacklog => {
+                "slow consumer: most output pending at --max-output-total".to_string()
+            }
             CloseReason::TooManyOverlong => "too many overlong lines".to_string(),
             CloseReason::Shutdown => "server shutting down".to_string(),
             CloseReason::HandshakeTimeout => "TLS handshake not finished in time".to_string(),

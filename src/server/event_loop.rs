@@ -692,7 +692,7 @@ impl EventLoop {
         }
         conn.deregister(self.poll.registry());
         let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
-        if reason == CloseReason::SlowConsumer {
+        if reason.is_slow_consumer() {
             self.stats.slow_consumers += 1;
         }
         if conn.is_handshaking() {
@@ -708,7 +708,7 @@ impl EventLoop {
             String::new()
         };
         let (addr, name) = (conn.addr(), &conn.name);
-        if reason == CloseReason::SlowConsumer {
+        if reason.is_slow_consumer() {
             warn!("client {addr} ({name}) disconnected: {}", reason.describe());
         } else {
             debug!(

@@ -408,7 +408,7 @@ impl Room {
             };
             if let Some(conn) = self.get_mut(largest) {
                 conn.discard_output();
-                if conn.close(CloseReason::SlowConsumer) {
+                if conn.close(CloseReason::LargestBacklog) {
                     self.to_reap.push(largest);
                 }
             }
