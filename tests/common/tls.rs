@@ -114,11 +114,7 @@ impl TlsChat {
             pending: Vec::new(),
             name: String::new(),
         };
-        let welcome = chat.line();
-        let rest = welcome
-            .strip_prefix("* welcome, you are ")
-            .unwrap_or_else(|| panic!("expected a welcome line, got {welcome:?}"));
-        chat.name = rest.split(' ').next().unwrap().to_string();
+        chat.name = super::name_in_welcome(&chat.line());
         chat
     }
 
