@@ -11,6 +11,11 @@ pub enum Error {
     Resolve { host: String, source: io::Error },
     /// The listen address is taken or not ours.
     Bind { addr: SocketAddr, source: io::Error },
+    /// A TLS certificate or key file is missing or unusable (a start-up error, exit 2).
+    Tls {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The client could not reach the server.
     Connect { addr: String, source: io::Error },
     /// The client lost its server.
@@ -28,6 +33,7 @@ impl fmt::Display for Error {
         match self {
             Error::Resolve { host, source } => write!(f, "cannot resolve host {host}: {source}"),
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Tls { path, reason } => write!(f, "TLS: {}: {reason}", path.display()),
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::Disconnected(why) => f.write_str(why),
             Error::Output(source) => write!(f, "cannot write to standard output: {source}"),
@@ -45,7 +51,7 @@ impl std::error::Error for Error {
             | Error::Connect { source, .. }
             | Error::Output(source)
             | Error::Io(source) => Some(source),
-            Error::Disconnected(_) | Error::Panicked => None,
+            Error::Tls { .. } | Error::Disconnected(_) | Error::Panicked => None,
         }
     }
 }
