@@ -79,7 +79,32 @@ pub struct Outcome {
     pub wire_bytes: usize,
     /// The TLS cipher suite the connections agreed on; `None` over plain TCP.
     pub tls_suite: Option<String>,
+    /// What the receivers' sockets carried.
+    pub received: Received,
 }
+
+/// What the receivers (not the senders) read, over the whole run, handshakes included.
+#[derive(Clone, Debug, Default)]
+pub struct Received {
+    /// `read` calls that returned bytes.
+    pub reads: u64,
+    /// Bytes read from the sockets: TLS records over TLS.
+    pub wire_bytes: u64,
+    /// Bytes of text the frames were cut from: the same as `wire_bytes` over plain TCP.
+    pub text_bytes: u64,
+}
+
+impl Received {
+    fn add(&mut self, other: &Received) {
+        self.reads += other.reads;
+        self.wire_bytes += other.wire_bytes;
+        self.text_bytes += other.text_bytes;
+    }
+}
+
+/// What TLS 1.3 adds to each record with an AEAD cipher (AES-GCM, ChaCha20-Poly1305): a 5-byte
+/// header, the 1-byte inner content type and a 16-byte tag.
+const TLS13_RECORD_OVERHEAD: u64 = 5 + 1 + 16;
 
 impl Outcome {
     pub fn complete(&self) -> bool {
@@ -96,6 +121,23 @@ impl Outcome {
 
     pub fn delivered_per_cpu_sec(&self) -> f64 {
         self.delivered as f64 / self.server_cpu.max(0.01)
+    }
+
+    /// Deliveries per socket `read` of a receiver: how much the server gathers per write.
+    pub fn delivered_per_read(&self) -> f64 {
+        self.delivered as f64 / self.received.reads.max(1) as f64
+    }
+
+    /// Over TLS, deliveries per TLS record, estimated from what the records added to the
+    /// text (handshakes and session tickets make it slightly low); `None` over plain TCP.
+    pub fn delivered_per_record(&self) -> Option<f64> {
+        self.tls_suite.as_ref()?;
+        let added = self
+            .received
+            .wire_bytes
+            .saturating_sub(self.received.text_bytes);
+        let records = (added / TLS13_RECORD_OVERHEAD).max(1);
+        Some(self.delivered as f64 / records as f64)
     }
 
     /// Which side was short of CPU: the single-threaded server (busy ≥ 90% of a core), the
@@ -147,25 +189,26 @@ pub fn run(server: &ServerProcess, scenario: &Scenario) -> Outcome {
     // Let late `! not saved` reports arrive before counting them.
     thread::sleep(Duration::from_millis(200));
     shared.done.store(true, Ordering::Release);
-    let mut histogram = Histogram::default();
-    let mut out_of_order = 0;
+    let mut total = Tally::default();
     for reader in readers {
-        let (part, disordered) = reader.join().expect("receiving thread");
-        histogram.merge(&part);
-        out_of_order += disordered;
+        let part = reader.join().expect("receiving thread");
+        total.histogram.merge(&part.histogram);
+        total.out_of_order += part.out_of_order;
+        total.received.add(&part.received);
     }
     Outcome {
         delivered,
         expected: scenario.expected(),
-        out_of_order,
+        out_of_order: total.out_of_order,
         not_saved: shared.not_saved.load(Ordering::Acquire),
         seconds,
         server_cpu,
         generator_cpu,
         peak_rss_kib: server.memory_kib("VmHWM"),
-        latency_us: histogram.percentiles(),
+        latency_us: total.histogram.percentiles(),
         wire_bytes: delivery_frame_len(kind, scenario.size, 1),
         tls_suite,
+        received: total.received,
     }
 }
 
@@ -371,6 +414,13 @@ struct Progress {
     signs_missing: usize,
 }
 
+impl Progress {
+    /// A receiver's stream, not a sender's input.
+    fn is_receiver(&self) -> bool {
+        !self.next_seq.is_empty()
+    }
+}
+
 /// Starts the receiving threads; receivers are dealt round-robin, sender inputs go to the first.
 fn spawn_readers(
     kind: Kind,
@@ -378,7 +428,7 @@ fn spawn_readers(
     receivers: Vec<Link>,
     sender_inputs: Vec<Link>,
     shared: &Arc<Shared>,
-) -> Vec<thread::JoinHandle<(Histogram, u64)>> {
+) -> Vec<thread::JoinHandle<Tally>> {
     let threads = scenario.receive_threads.clamp(1, scenario.receivers.max(1));
     let mut groups: Vec<Vec<(Link, bool)>> = (0..threads).map(|_| Vec::new()).collect();
     for (index, socket) in receivers.into_iter().enumerate() {
@@ -398,12 +448,7 @@ fn spawn_readers(
 }
 
 /// Reads its sockets until `done`; returns its latency histogram and order violations.
-fn receive(
-    links: Vec<(Link, bool)>,
-    senders: usize,
-    frames: &Frames,
-    shared: &Shared,
-) -> (Histogram, u64) {
+fn receive(links: Vec<(Link, bool)>, senders: usize, frames: &Frames, shared: &Shared) -> Tally {
     let mut poll = Poll::new().unwrap();
     let signs_needed = frames.readiness_signs(senders);
     let mut readers: Vec<Reader> = links
@@ -452,16 +497,18 @@ fn receive(
                 .fetch_add(std::mem::take(&mut tally.not_saved), Ordering::AcqRel);
         }
     }
-    (tally.histogram, tally.out_of_order)
+    tally
 }
 
-/// What a receiving thread counted since it last reported.
+/// What a receiving thread counted: deliveries and `! not saved` since it last reported, the
+/// rest over the whole run.
 #[derive(Default)]
 struct Tally {
     delivered: u64,
     not_saved: u64,
     out_of_order: u64,
     histogram: Histogram,
+    received: Received,
 }
 
 /// Makes `socket` nonblocking and registers it for reading under `token`.
@@ -496,14 +543,22 @@ fn read_all(
         progress,
     } = reader;
     let Some(session) = tls else {
-        take_in(progress, &mut buffers.chunk, socket, frames, shared, tally);
+        take_in(
+            progress,
+            &mut buffers.chunk,
+            socket,
+            true,
+            frames,
+            shared,
+            tally,
+        );
         return;
     };
     let mut ciphertext = 0;
     loop {
         let chunk = &mut buffers.chunk;
         tls::open(session, &buffers.raw[..ciphertext], |plain| {
-            take_in(progress, chunk, plain, frames, shared, tally)
+            take_in(progress, chunk, plain, false, frames, shared, tally)
         });
         ciphertext = match socket.read(&mut buffers.raw) {
             Ok(0) => return,
@@ -512,15 +567,21 @@ fn read_all(
             Err(err) if err.kind() == ErrorKind::WouldBlock => return,
             Err(err) => panic!("receiver read: {err}"),
         };
+        if progress.is_receiver() {
+            tally.received.reads += 1;
+            tally.received.wire_bytes += ciphertext as u64;
+        }
     }
 }
 
 /// Reads `source` (a socket, or a TLS session's decrypted text) until it would block, handling
-/// every whole frame.
+/// every whole frame. `from_socket`: `source` is the socket itself, so its reads count as
+/// reads of the wire.
 fn take_in(
     progress: &mut Progress,
     chunk: &mut [u8],
     source: &mut dyn Read,
+    from_socket: bool,
     frames: &Frames,
     shared: &Shared,
     tally: &mut Tally,
@@ -535,6 +596,13 @@ fn take_in(
             Err(err) if err.kind() == ErrorKind::WouldBlock => return,
             Err(err) => panic!("receiver read: {err}"),
         };
+        if progress.is_receiver() {
+            tally.received.text_bytes += read as u64;
+            if from_socket {
+                tally.received.reads += 1;
+                tally.received.wire_bytes += read as u64;
+            }
+        }
         let now = shared.base.elapsed().as_nanos() as u64;
         let used = handle_frames(progress, &chunk[..kept + read], frames, now, shared, tally);
         progress.partial.clear();
