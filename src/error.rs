@@ -17,6 +17,15 @@ pub enum Error {
     Disconnected(String),
     /// The client could not print what arrived.
     Output(io::Error),
+    /// A flag names something the client cannot use (a `--tls-ca` file that does not hold a
+    /// CA certificate, a `--host` that cannot be a TLS server name): a command-line mistake,
+    /// so exit status 2 like the ones `config` catches.
+    Usage(String),
+    /// TLS could not be set up or the handshake failed (certificate not trusted, not for this
+    /// host, no TLS on that port); the message names the server.
+    Tls(String),
+    /// `--command` got no complete reply, or an error line in it.
+    Reply(String),
     /// Any other I/O failure (poll, thread spawn, terminal).
     Io(io::Error),
     /// The server thread panicked.
@@ -31,6 +40,8 @@ impl fmt::Display for Error {
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::Disconnected(why) => f.write_str(why),
             Error::Output(source) => write!(f, "cannot write to standard output: {source}"),
+            Error::Usage(why) => write!(f, "error: {why}"),
+            Error::Tls(why) | Error::Reply(why) => f.write_str(why),
             Error::Io(source) => write!(f, "{source}"),
             Error::Panicked => write!(f, "the server thread panicked"),
         }
@@ -45,7 +56,21 @@ impl std::error::Error for Error {
             | Error::Connect { source, .. }
             | Error::Output(source)
             | Error::Io(source) => Some(source),
-            Error::Disconnected(_) | Error::Panicked => None,
+            Error::Disconnected(_)
+            | Error::Usage(_)
+            | Error::Tls(_)
+            | Error::Reply(_)
+            | Error::Panicked => None,
+        }
+    }
+}
+
+impl Error {
+    /// The exit status for this error: 2 for a command-line mistake, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
         }
     }
 }

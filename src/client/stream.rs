@@ -1,0 +1,250 @@
+//! The connection to the server as the modes use it: plain TCP or TLS, read by one thread
+//! while another writes, as both modes do (a reader thread for server lines, the main thread
+//! sending).
+//!
+//! A plain `TcpStream` is simply cloned. A TLS session cannot be: both directions go through
+//! one `rustls::ClientConnection`. So each handle has its own clone of the socket, and the
+//! session is shared behind a mutex that is held only while bytes move in or out of it, never
+//! while waiting on the socket:
+//!
+//! - The reader waits in a plain blocking read of the socket (so `shutdown`, read timeouts and
+//!   keepalive end the wait as on plain TCP), then locks the session to decrypt what came.
+//! - The writer locks the session to encrypt a line, takes the records out, unlocks, and only
+//!   then writes them to the socket. A writer blocked on a full socket (a long file under the
+//!   server's flood control) therefore never stops the reader taking the server's lines.
+//! - A second mutex, `sending`, is held from taking records out to writing them, so records
+//!   reach the socket in the order they were made (TLS numbers them). Records the reader
+//!   makes (alerts, key updates) are sent by the reader if no write is under way, else by the
+//!   writer, which looks again after it lets go.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustls::ClientConnection;
+
+/// Bytes read from the socket at once; the session decrypts them when the reader wants more.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One handle on the connection to the server: each thread has its own (`try_clone`).
+pub struct ServerStream {
+    tcp: TcpStream,
+    tls: Option<TlsHandle>,
+}
+
+impl ServerStream {
+    pub fn plain(tcp: TcpStream) -> Self {
+        ServerStream { tcp, tls: None }
+    }
+
+    /// A stream over `tcp` whose handshake (`session`) is done.
+    pub fn tls(tcp: TcpStream, session: ClientConnection) -> Self {
+        let shared = Arc::new(Shared {
+            session: Mutex::new(session),
+            sending: Mutex::new(()),
+        });
+        ServerStream {
+            tcp,
+            tls: Some(TlsHandle::new(shared)),
+        }
+    }
+
+    /// Another handle on the same connection, for another thread.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(ServerStream {
+            tcp: self.tcp.try_clone()?,
+            tls: self
+                .tls
+                .as_ref()
+                .map(|tls| TlsHandle::new(tls.shared.clone())),
+        })
+    }
+
+    /// Closes one or both directions. Closing our sending side over TLS first says so inside
+    /// TLS (close_notify), so the server reads a clean end of input, not a truncation.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        if let (Some(tls), Shutdown::Write) = (&self.tls, how) {
+            tls.shared.lock_session()?.send_close_notify();
+            tls.shared.send(&self.tcp)?;
+        }
+        self.tcp.shutdown(how)
+    }
+
+    /// Bounds each wait for the server (`None`: no bound). It is the socket's, so it holds
+    /// for every handle.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(timeout)
+    }
+
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_write_timeout(timeout)
+    }
+}
+
+impl Read for ServerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.tls {
+            None => self.tcp.read(buf),
+            Some(tls) => tls.read(&self.tcp, buf),
+        }
+    }
+}
+
+impl Write for ServerStream {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match &self.tls {
+            None => self.tcp.write(data),
+            Some(tls) => {
+                let written = tls.shared.lock_session()?.writer().write(data)?;
+                tls.shared.send(&self.tcp)?;
+                Ok(written)
+            }
+        }
+    }
+
+    /// Every write is sent before it returns.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The TLS state all handles of one connection share.
+struct Shared {
+    session: Mutex<ClientConnection>,
+    /// Held from taking records out of the session to writing them to the socket.
+    sending: Mutex<()>,
+}
+
+impl Shared {
+    fn lock_session(&self) -> io::Result<MutexGuard<'_, ClientConnection>> {
+        self.session.lock().map_err(|_| poisoned())
+    }
+
+    /// Sends every record the session holds, including any another thread made meanwhile.
+    fn send(&self, tcp: &TcpStream) -> io::Result<()> {
+        loop {
+            {
+                let _sending = self.sending.lock().map_err(|_| poisoned())?;
+                self.send_records(tcp)?;
+            }
+            // The reader may have made records while we held `sending` and left them to us.
+            if !self.lock_session()?.wants_write() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends the records the reader made, unless a write is under way: that writer sends them
+    /// when it is done (`send`), and the reader must not wait for a full socket.
+    fn send_if_idle(&self, tcp: &TcpStream) -> io::Result<()> {
+        match self.sending.try_lock() {
+            Ok(_sending) => self.send_records(tcp),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// With `sending` held: takes the records out and writes them, without the session lock.
+    fn send_records(&self, mut tcp: &TcpStream) -> io::Result<()> {
+        loop {
+            let mut records = Vec::new();
+            {
+                let mut session = self.lock_session()?;
+                while session.wants_write() {
+                    session.write_tls(&mut records)?;
+                }
+            }
+            if records.is_empty() {
+                return Ok(());
+            }
+            tcp.write_all(&records)?;
+        }
+    }
+}
+
+/// One thread's view of the shared session: what it read from the socket and has not yet
+/// given to the session (it takes only what fits its plaintext buffer).
+struct TlsHandle {
+    shared: Arc<Shared>,
+    unread: Vec<u8>,
+    /// The socket reached its end; the session is told once `unread` is in.
+    eof: bool,
+}
+
+impl TlsHandle {
+    fn new(shared: Arc<Shared>) -> Self {
+        TlsHandle {
+            shared,
+            unread: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Plaintext from the server: what the session has, else what the socket brings next.
+    /// `Ok(0)` after the server's close_notify; an `UnexpectedEof` error if the socket ended
+    /// without one (rustls' rule: a cut connection must not pass for the end of the data).
+    fn read(&mut self, tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let mut session = self.shared.lock_session()?;
+            match session.reader().read(buf) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
+            if self.unread.is_empty() && !self.eof {
+                drop(session);
+                self.fill(tcp)?;
+                continue;
+            }
+            let processed = decrypt(&mut self.unread, &mut session);
+            let reply = session.wants_write();
+            drop(session);
+            let sent = if reply {
+                self.shared.send_if_idle(tcp)
+            } else {
+                Ok(())
+            };
+            // After a decryption error the alert is best effort: that error is the one to tell.
+            processed?;
+            sent?;
+        }
+    }
+
+    /// Blocks for the next bytes from the socket, without holding the session.
+    fn fill(&mut self, mut tcp: &TcpStream) -> io::Result<()> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let read = loop {
+            match tcp.read(&mut chunk) {
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        self.eof = read == 0;
+        self.unread.extend_from_slice(&chunk[..read]);
+        Ok(())
+    }
+}
+
+/// Gives the session what was read (or, once it is empty after the socket's end, that end)
+/// and decrypts it; what the session had no room for stays in `unread`.
+fn decrypt(unread: &mut Vec<u8>, session: &mut ClientConnection) -> io::Result<()> {
+    let mut rest = &unread[..];
+    session.read_tls(&mut rest)?;
+    let used = unread.len() - rest.len();
+    if used == 0 && !rest.is_empty() {
+        // rustls takes what it has room for and decrypting frees the room, so this means the
+        // session is stuck; report it rather than loop.
+        return Err(io::Error::other("the TLS session takes no more input"));
+    }
+    unread.drain(..used);
+    session
+        .process_new_packets()
+        .map(drop)
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("a thread using the TLS session panicked")
+}
