@@ -46,9 +46,10 @@ pub fn run(config: &ClientConfig, endpoint: &Endpoint, command: &str) -> Result<
     send(&mut stream, &reply.opening(config.nick.as_deref()))?;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = next_line(&mut lines, &stream, left)?;
-        let Some(line) = line else {
-            return Err(reply.closed());
+        let line = match next_line(&mut lines, &stream, left)? {
+            Ok(Some(line)) => line,
+            Ok(None) => return Err(reply.closed(None)),
+            Err(err) => return Err(reply.closed(Some(err))),
         };
         let text = display::plain(&line);
         match reply.feed(&text) {
@@ -63,12 +64,14 @@ pub fn run(config: &ClientConfig, endpoint: &Endpoint, command: &str) -> Result<
     }
 }
 
-/// The next line within `left`; `None` when the server closed the connection.
+/// The next line within `left`: `None` when the server closed the connection, an inner error
+/// when it broke (a server that refuses a client closes without reading what it sent, so the
+/// client may see a reset); the outer error is the deadline.
 fn next_line(
     lines: &mut LineReader<ServerStream>,
     stream: &ServerStream,
     left: Duration,
-) -> Result<Option<connection::ServerLine>, Error> {
+) -> Result<io::Result<Option<connection::ServerLine>>, Error> {
     let timed_out = || {
         Error::Reply(format!(
             "no complete reply within {} s",
@@ -80,7 +83,6 @@ fn next_line(
     }
     stream.set_read_timeout(Some(left))?;
     match lines.next_line() {
-        Ok(line) => Ok(line),
         Err(err)
             if matches!(
                 err.kind(),
@@ -89,7 +91,7 @@ fn next_line(
         {
             Err(timed_out())
         }
-        Err(err) => Err(plain::lost(Some(err))),
+        other => Ok(other),
     }
 }
 
@@ -241,12 +243,17 @@ impl Reply {
         Ok(())
     }
 
-    /// Why it failed when the server closed the connection before its goodbye.
-    pub fn closed(&self) -> Error {
-        Error::Reply(match self.phase {
-            Phase::Before => "the server closed the connection before answering".to_string(),
-            _ => "the server closed the connection before the reply was complete".to_string(),
-        })
+    /// Why it failed when the connection ended (closed, or broken with `error`) before the
+    /// goodbye.
+    pub fn closed(&self, error: Option<io::Error>) -> Error {
+        let before = match self.phase {
+            Phase::Before => "answering",
+            _ => "the reply was complete",
+        };
+        let how = error.map_or_else(String::new, |err| format!(" ({err})"));
+        Error::Reply(format!(
+            "the server closed the connection before {before}{how}"
+        ))
     }
 }
 
@@ -464,12 +471,36 @@ mod tests {
     fn closing_early_says_how_far_the_reply_got() {
         let mut reply = Reply::new("/who");
         reply.opening(None);
-        assert!(reply.closed().to_string().contains("before answering"));
+        assert!(reply.closed(None).to_string().contains("before answering"));
         reply.feed("* 1 online: 127.0.0.1:5000");
-        assert!(reply
-            .closed()
-            .to_string()
-            .contains("before the reply was complete"));
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let why = reply.closed(Some(reset)).to_string();
+        assert!(
+            why.contains("before the reply was complete (connection reset"),
+            "{why}"
+        );
+    }
+
+    /// A server that says nothing ends the wait at the deadline (the whole `REPLY_DEADLINE`
+    /// is too long for a test; the same read is bounded by whatever is left).
+    #[test]
+    fn a_silent_server_is_given_up_on_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _server_side = listener.accept().unwrap();
+        let stream = ServerStream::plain(tcp);
+        let mut lines = LineReader::new(stream.try_clone().unwrap(), MAX_SHOWN);
+        let left = Duration::from_millis(20);
+        let err = next_line(&mut lines, &stream, left).unwrap_err();
+        assert!(
+            err.to_string().starts_with("no complete reply within"),
+            "{err}"
+        );
+        let err = next_line(&mut lines, &stream, Duration::ZERO).unwrap_err();
+        assert!(
+            err.to_string().starts_with("no complete reply within"),
+            "{err}"
+        );
     }
 
     /// The matchers follow the server's own formats, so a change there shows up here.
