@@ -248,3 +248,151 @@ fn decrypt(unread: &mut Vec<u8>, session: &mut ClientConnection) -> io::Result<(
 fn poisoned() -> io::Error {
     io::Error::other("a thread using the TLS session panicked")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::client::connection::{send_line, LineReader};
+    use crate::client::tls::fixture::{ServerSide, TestCa, WAIT};
+
+    fn lines_of(stream: &ServerStream) -> LineReader<ServerStream> {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        LineReader::new(stream.try_clone().unwrap(), 1024)
+    }
+
+    fn next(lines: &mut LineReader<ServerStream>) -> io::Result<Option<String>> {
+        let line = lines.next_line()?;
+        Ok(line.map(|line| String::from_utf8(line.bytes).unwrap()))
+    }
+
+    /// The point of the design: a writer blocked on a full socket (a server that reads nothing,
+    /// as a flood-controlled one reads slowly) holds no lock the reader needs, so the
+    /// server's lines keep arriving.
+    #[test]
+    fn the_reader_takes_lines_while_the_writer_is_blocked() {
+        let ca = TestCa::new();
+        let (go, wait_for_go) = mpsc::channel::<()>();
+        let (addr, server) = ca.serve(move |mut side: ServerSide| {
+            wait_for_go.recv_timeout(WAIT).unwrap();
+            for n in 0..100 {
+                side.write_all(format!("line {n}\r\n").as_bytes()).unwrap();
+            }
+            side.flush().unwrap();
+            // Keep the connection open (and unread) until the client has read.
+            let _ = wait_for_go.recv_timeout(WAIT);
+        });
+        let stream = ca.connect(addr);
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        let written = Arc::new(AtomicUsize::new(0));
+        let mut writer = stream.try_clone().unwrap();
+        let progress = written.clone();
+        // 64 MiB: far more than the socket buffers on both sides hold.
+        let flood = thread::spawn(move || {
+            let chunk = [b'x'; 64 * 1024];
+            for _ in 0..1024 {
+                if writer.write_all(&chunk).is_err() {
+                    return;
+                }
+                progress.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        while written.load(Ordering::Relaxed) < 1024 * 1024 {
+            assert!(Instant::now() < deadline, "the writer made no progress");
+            thread::sleep(Duration::from_millis(5));
+        }
+        go.send(()).unwrap();
+        let mut lines = lines_of(&stream);
+        for n in 0..100 {
+            assert_eq!(next(&mut lines).unwrap(), Some(format!("line {n}")));
+        }
+        assert!(
+            !flood.is_finished(),
+            "the server read nothing, so the writer is still at it"
+        );
+        stream.shutdown(Shutdown::Both).unwrap();
+        flood.join().unwrap();
+        go.send(()).unwrap();
+        server.join().unwrap();
+    }
+
+    /// End of input over TLS: close_notify, so the server reads a clean end (not a cut) and
+    /// can still answer before it closes.
+    #[test]
+    fn a_half_close_ends_the_servers_input_cleanly_and_its_answer_arrives() {
+        let ca = TestCa::new();
+        let (addr, server) = ca.serve(|mut side: ServerSide| {
+            let mut input = Vec::new();
+            side.read_to_end(&mut input).expect("a clean end of input");
+            assert_eq!(input, b"hello\n/who\n");
+            side.write_all(b"* 1 online: me\r\n").unwrap();
+            side.conn.send_close_notify();
+            side.flush().unwrap();
+        });
+        let mut stream = ca.connect(addr);
+        let mut lines = lines_of(&stream);
+        send_line(&mut stream, b"hello").unwrap();
+        send_line(&mut stream, b"/who").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(next(&mut lines).unwrap().as_deref(), Some("* 1 online: me"));
+        assert_eq!(next(&mut lines).unwrap(), None, "a clean end");
+        server.join().unwrap();
+    }
+
+    /// A connection cut without close_notify is an error once what came before it is read:
+    /// a cut must not pass for the server's end.
+    #[test]
+    fn a_cut_connection_is_an_error_after_the_lines_before_it() {
+        let ca = TestCa::new();
+        let (addr, server) = ca.serve(|mut side: ServerSide| {
+            side.write_all(b"last words\r\n").unwrap();
+            side.flush().unwrap();
+            side.sock.shutdown(Shutdown::Both).unwrap();
+        });
+        let stream = ca.connect(addr);
+        let mut lines = lines_of(&stream);
+        assert_eq!(next(&mut lines).unwrap().as_deref(), Some("last words"));
+        let err = next(&mut lines).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        server.join().unwrap();
+    }
+
+    /// Lines both ways at once, many more than one TLS record's worth, all arrive in order.
+    #[test]
+    fn lines_cross_both_ways_at_once() {
+        let ca = TestCa::new();
+        let (addr, server) = ca.serve(|mut side: ServerSide| {
+            for n in 0..2000 {
+                side.write_all(format!("to client {n}\r\n").as_bytes())
+                    .unwrap();
+            }
+            side.flush().unwrap();
+            let mut input = Vec::new();
+            side.read_to_end(&mut input).expect("a clean end of input");
+            let expected: String = (0..2000).map(|n| format!("to server {n}\n")).collect();
+            assert_eq!(String::from_utf8(input).unwrap(), expected);
+            side.conn.send_close_notify();
+            side.flush().unwrap();
+        });
+        let stream = ca.connect(addr);
+        let mut writer = stream.try_clone().unwrap();
+        let sending = thread::spawn(move || {
+            for n in 0..2000 {
+                send_line(&mut writer, format!("to server {n}").as_bytes()).unwrap();
+            }
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut lines = lines_of(&stream);
+        for n in 0..2000 {
+            assert_eq!(next(&mut lines).unwrap(), Some(format!("to client {n}")));
+        }
+        assert_eq!(next(&mut lines).unwrap(), None);
+        sending.join().unwrap();
+        server.join().unwrap();
+    }
+}

@@ -165,3 +165,214 @@ fn handshake_failure(err: &io::Error) -> String {
         _ => err.to_string(),
     }
 }
+
+/// A CA and a server certificate it signed (for `localhost` and `127.0.0.1`), and a TLS
+/// server thread for one connection: what the TLS unit tests talk to.
+#[cfg(test)]
+pub mod fixture {
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::thread::{self, JoinHandle};
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+    use super::Tls;
+    use crate::client::stream::ServerStream;
+    use crate::config::TlsTrust;
+
+    /// Bound on every wait of the test server.
+    pub const WAIT: Duration = Duration::from_secs(15);
+
+    /// The server's side of one connection, its handshake done.
+    pub type ServerSide = StreamOwned<ServerConnection, TcpStream>;
+
+    pub struct TestCa {
+        dir: PathBuf,
+        /// The CA certificate alone, PEM: what `--tls-ca` names.
+        pub ca_pem: PathBuf,
+        server: Arc<ServerConfig>,
+    }
+
+    impl TestCa {
+        pub fn new() -> TestCa {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "peerchat-client-tls-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let ca_key = KeyPair::generate().unwrap();
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            // A name of its own: two test CAs must not pass for each other's issuer.
+            let name = format!("peerchat client test CA {}", dir.display());
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+            let issuer = Issuer::new(ca_params, ca_key);
+            let key = KeyPair::generate().unwrap();
+            let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            let ca_pem = dir.join("ca.pem");
+            std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+            let chain: Vec<CertificateDer<'static>> =
+                vec![cert.der().clone(), ca_cert.der().clone()];
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let server = ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+            TestCa {
+                dir,
+                ca_pem,
+                server: Arc::new(server),
+            }
+        }
+
+        /// A client set up as `--tls-ca CA --host host` would be.
+        pub fn client(&self, host: &str) -> Tls {
+            Tls::new(&TlsTrust::CaFile(self.ca_pem.clone()), host).unwrap()
+        }
+
+        /// Serves one connection on loopback: `serve` gets it once the handshake is done, on a
+        /// thread of its own.
+        pub fn serve<F>(&self, serve: F) -> (SocketAddr, JoinHandle<()>)
+        where
+            F: FnOnce(ServerSide) + Send + 'static,
+        {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let config = self.server.clone();
+            let server = thread::spawn(move || {
+                let (mut tcp, _) = listener.accept().unwrap();
+                tcp.set_read_timeout(Some(WAIT)).unwrap();
+                tcp.set_write_timeout(Some(WAIT)).unwrap();
+                let mut session = ServerConnection::new(config).unwrap();
+                while session.is_handshaking() {
+                    if session.complete_io(&mut tcp).is_err() {
+                        return; // the client gave up on us: what some tests want
+                    }
+                }
+                serve(StreamOwned::new(session, tcp));
+            });
+            (addr, server)
+        }
+
+        /// A client stream to `addr` through `Tls::handshake`.
+        pub fn connect(&self, addr: SocketAddr) -> ServerStream {
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            let session = self
+                .client("127.0.0.1")
+                .handshake(&mut tcp, WAIT, &addr.to_string())
+                .unwrap();
+            ServerStream::tls(tcp, session)
+        }
+    }
+
+    impl Drop for TestCa {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    use super::fixture::{TestCa, WAIT};
+    use super::*;
+
+    fn usage_error(trust: TlsTrust, host: &str) -> String {
+        match Tls::new(&trust, host) {
+            Err(err @ Error::Usage(_)) => {
+                assert_eq!(err.exit_code(), 2);
+                err.to_string()
+            }
+            Err(other) => panic!("expected a usage error, got {other}"),
+            Ok(_) => panic!("expected a usage error"),
+        }
+    }
+
+    #[test]
+    fn a_ca_file_that_cannot_be_used_is_a_usage_error_naming_it() {
+        let ca = TestCa::new();
+        let missing = ca.ca_pem.with_file_name("missing.pem");
+        let err = usage_error(TlsTrust::CaFile(missing), "localhost");
+        assert!(
+            err.contains("--tls-ca ") && err.contains("missing.pem: cannot read it"),
+            "{err}"
+        );
+        let not_pem = ca.ca_pem.with_file_name("notes.txt");
+        std::fs::write(&not_pem, "no certificate here\n").unwrap();
+        let err = usage_error(TlsTrust::CaFile(not_pem), "localhost");
+        assert!(err.contains("notes.txt: no PEM certificate in it"), "{err}");
+        let err = usage_error(TlsTrust::CaFile(ca.ca_pem.clone()), "bad_host!");
+        assert!(err.starts_with("error: --host bad_host!: "), "{err}");
+    }
+
+    #[test]
+    fn the_handshake_checks_the_ca_and_the_name() {
+        let ca = TestCa::new();
+        let other = TestCa::new();
+        for (trusted, host, expected) in [
+            (&other, "127.0.0.1", "UnknownIssuer"),
+            (&other, "127.0.0.1", "--tls-ca FILE"),
+            (&ca, "localhost", ""),
+            (&ca, "127.0.0.2", "not valid for name"),
+        ] {
+            let (addr, server) = ca.serve(|_| {});
+            let mut tcp = TcpStream::connect(addr).unwrap();
+            let done = trusted.client(host).handshake(&mut tcp, WAIT, "the server");
+            drop(tcp);
+            server.join().unwrap();
+            match done {
+                Ok(_) => assert_eq!(expected, "", "{host}"),
+                Err(err) => {
+                    let err = err.to_string();
+                    assert!(err.starts_with("TLS with the server failed: "), "{err}");
+                    assert!(!expected.is_empty() && err.contains(expected), "{err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_server_that_never_answers_the_handshake_is_given_up_on() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _accepted = listener.accept().unwrap();
+        let ca = TestCa::new();
+        let timeout = Duration::from_millis(50);
+        let err = ca.client("localhost").handshake(&mut tcp, timeout, "x");
+        let err = err.expect_err("no handshake").to_string();
+        assert!(err.contains("did not finish within"), "{err}");
+    }
+
+    #[test]
+    fn a_plain_server_on_the_port_gets_a_hint() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut plain, _) = listener.accept().unwrap();
+        plain.write_all(b"* welcome, you are x\r\n").unwrap();
+        let ca = TestCa::new();
+        let err = ca.client("localhost").handshake(&mut tcp, WAIT, "x");
+        let err = err.expect_err("no handshake").to_string();
+        assert!(err.contains("is this its TLS port?"), "{err}");
+    }
+}
