@@ -11,6 +11,11 @@ pub enum Error {
     Resolve { host: String, source: io::Error },
     /// The listen address is taken or not ours.
     Bind { addr: SocketAddr, source: io::Error },
+    /// A TLS certificate or key file is missing or unusable (a start-up error, exit 2).
+    Tls {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The client could not reach the server.
     Connect { addr: String, source: io::Error },
     /// The client lost its server.
@@ -21,9 +26,9 @@ pub enum Error {
     /// CA certificate, a `--host` that cannot be a TLS server name): a command-line mistake,
     /// so exit status 2 like the ones `config` catches.
     Usage(String),
-    /// TLS could not be set up or the handshake failed (certificate not trusted, not for this
-    /// host, no TLS on that port); the message names the server.
-    Tls(String),
+    /// The client could not set up TLS or its handshake failed (certificate not trusted, not
+    /// for this host, no TLS on that port); the message names the server.
+    TlsConnect(String),
     /// `--command` got no complete reply, or an error line in it.
     Reply(String),
     /// Any other I/O failure (poll, thread spawn, terminal).
@@ -37,11 +42,12 @@ impl fmt::Display for Error {
         match self {
             Error::Resolve { host, source } => write!(f, "cannot resolve host {host}: {source}"),
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Error::Tls { path, reason } => write!(f, "TLS: {}: {reason}", path.display()),
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::Disconnected(why) => f.write_str(why),
             Error::Output(source) => write!(f, "cannot write to standard output: {source}"),
             Error::Usage(why) => write!(f, "error: {why}"),
-            Error::Tls(why) | Error::Reply(why) => f.write_str(why),
+            Error::TlsConnect(why) | Error::Reply(why) => f.write_str(why),
             Error::Io(source) => write!(f, "{source}"),
             Error::Panicked => write!(f, "the server thread panicked"),
         }
@@ -56,9 +62,10 @@ impl std::error::Error for Error {
             | Error::Connect { source, .. }
             | Error::Output(source)
             | Error::Io(source) => Some(source),
-            Error::Disconnected(_)
+            Error::Tls { .. }
+            | Error::Disconnected(_)
             | Error::Usage(_)
-            | Error::Tls(_)
+            | Error::TlsConnect(_)
             | Error::Reply(_)
             | Error::Panicked => None,
         }
@@ -66,10 +73,11 @@ impl std::error::Error for Error {
 }
 
 impl Error {
-    /// The exit status for this error: 2 for a command-line mistake, else 1.
+    /// The exit status for this error: 2 for a command-line mistake or a file a flag names
+    /// that cannot be used, else 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::Tls { .. } => 2,
             _ => 1,
         }
     }

@@ -33,6 +33,8 @@ pub enum Command<'a> {
     Who,
     /// `/help`: list the commands.
     Help,
+    /// `/stats`: the server's figures on one line.
+    Stats,
     /// `/quit`: say goodbye and close.
     Quit,
     /// A blank line: ignored.
@@ -66,6 +68,7 @@ pub fn parse(line: &str) -> Command<'_> {
         "history" => parse_history(arg),
         "who" => Command::Who,
         "help" => Command::Help,
+        "stats" => Command::Stats,
         "quit" => Command::Quit,
         _ => Command::Unknown,
     }
@@ -276,7 +279,7 @@ pub const HELP_LINES: [&str; 8] = [
     "  /nick NAME   change your name (ASCII letters, digits, - _ . up to 32)",
     "  /me ACTION   tell the others what you do: * NAME ACTION",
     "  /history [N] the last N stored messages (default 20)",
-    "  /who         list who is online",
+    "  /who         list who is online (/stats: the server's figures)",
     "  /help        this text",
     "  /quit        leave",
     "anything else is chat; start a line with // to send one beginning with /",
@@ -333,6 +336,11 @@ pub fn line_too_long(max_line: usize) -> String {
 /// Error to a client refused because the server is at `--max-clients`.
 pub fn server_full(max_clients: usize) -> String {
     format!("server full ({max_clients} clients); try again later")
+}
+
+/// Refusal when the client's IP address already holds `--max-per-ip` connections.
+pub fn too_many_from_address(limit: usize) -> String {
+    format!("too many connections from your address ({limit})")
 }
 
 /// Error before a client is disconnected for sending overlong lines again and again.

@@ -107,7 +107,9 @@ fn commands_help_unknown_slash_escape_and_empty_lines() {
     alice.send("/help");
     let help: Vec<String> = (0..8).map(|_| alice.line()).collect();
     assert!(help.iter().all(|line| line.starts_with("* ")), "{help:?}");
-    for command in ["/nick", "/me", "/history", "/who", "/help", "/quit", "//"] {
+    for command in [
+        "/nick", "/me", "/history", "/who", "/stats", "/help", "/quit", "//",
+    ] {
         assert!(
             help.iter().any(|line| line.contains(command)),
             "{command} not in /help"

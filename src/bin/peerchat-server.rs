@@ -29,6 +29,11 @@ fn main() -> ExitCode {
     });
     let code = match served {
         Ok(()) => ExitCode::SUCCESS,
+        // Like a bad flag: the command line named a file that cannot serve.
+        Err(err @ peerchat::Error::Tls { .. }) => {
+            error!("{err}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             error!("{err}");
             ExitCode::FAILURE

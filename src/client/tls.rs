@@ -44,7 +44,7 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|err| Error::Tls(format!("TLS setup failed: {err}")))?
+            .map_err(|err| Error::TlsConnect(format!("TLS setup failed: {err}")))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(Tls {
@@ -62,7 +62,8 @@ impl Tls {
         timeout: Duration,
         addr: &str,
     ) -> Result<ClientConnection, Error> {
-        let failed = |reason: String| Error::Tls(format!("TLS with {addr} failed: {reason}"));
+        let failed =
+            |reason: String| Error::TlsConnect(format!("TLS with {addr} failed: {reason}"));
         let mut session = ClientConnection::new(self.config.clone(), self.name.clone())
             .map_err(|err| failed(err.to_string()))?;
         let deadline = Instant::now() + timeout;
@@ -96,7 +97,7 @@ fn system_roots() -> Result<RootCertStore, Error> {
             .errors
             .first()
             .map_or_else(|| "none found".to_string(), ToString::to_string);
-        return Err(Error::Tls(format!(
+        return Err(Error::TlsConnect(format!(
             "no system root certificates to trust ({why}); name a CA with --tls-ca FILE"
         )));
     }

@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -207,6 +207,55 @@ struct Shared {
     history_queued: AtomicUsize,
     /// The failure has been logged, by whichever side saw it first.
     failure_logged: AtomicBool,
+    /// Messages stored: the rest of `settled` was reported not saved.
+    saved: AtomicU64,
+    /// How long the last inserts took, for `/stats`.
+    batch_times: Mutex<BatchTimes>,
+}
+
+/// The durations of the last `BatchTimes::KEPT` inserts, oldest overwritten first: a p99 of
+/// recent batches, so `/stats` shows how the database does now, not since the start.
+#[derive(Debug, Default)]
+struct BatchTimes {
+    micros: Vec<u32>,
+    next: usize,
+}
+
+impl BatchTimes {
+    const KEPT: usize = 1000;
+
+    fn note(&mut self, took: Duration) {
+        let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        if self.micros.len() < Self::KEPT {
+            self.micros.push(micros);
+        } else {
+            self.micros[self.next] = micros;
+        }
+        self.next = (self.next + 1) % Self::KEPT;
+    }
+
+    /// The 99th percentile in milliseconds; 0 before any insert.
+    fn p99_millis(&self) -> f64 {
+        let mut sorted = self.micros.clone();
+        sorted.sort_unstable();
+        let Some(last) = sorted.len().checked_sub(1) else {
+            return 0.0;
+        };
+        f64::from(sorted[last * 99 / 100]) / 1000.0
+    }
+}
+
+/// What `/stats` shows of persistence.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PersistFigures {
+    /// Messages stored.
+    pub saved: u64,
+    /// Messages whose senders were told `! not saved` (refused by the queue, or failed).
+    pub not_saved: u64,
+    /// Messages accepted and not yet stored or reported.
+    pub queued: u64,
+    /// 99th percentile of the last 1000 inserts' durations, in milliseconds.
+    pub batch_ms_p99: f64,
 }
 
 impl Shared {
@@ -229,6 +278,8 @@ pub struct Persister {
     thread: JoinHandle<PersistStats>,
     /// Messages taken into the queue (counted on the loop's side).
     accepted: Cell<u64>,
+    /// Messages the queue refused (counted on the loop's side).
+    refused: Cell<u64>,
     shared: Arc<Shared>,
     /// The queue's bound in bytes (`--persist-queue-bytes`).
     max_bytes: usize,
@@ -309,6 +360,7 @@ impl Persister {
             queue: Some(queue),
             thread,
             accepted: Cell::new(0),
+            refused: Cell::new(0),
             shared,
             max_bytes,
         })
@@ -318,6 +370,7 @@ impl Persister {
     /// or when storage has stopped.
     pub fn submit(&self, record: Record) -> Result<(), SubmitError> {
         let refuse = |record: Record, reason| {
+            self.refused.set(self.refused.get() + 1);
             Err(SubmitError {
                 content: record.content().to_string(),
                 reason,
@@ -394,6 +447,22 @@ impl Persister {
     /// How many accepted messages the thread has finished with (saved or reported), in order.
     pub fn settled(&self) -> u64 {
         self.shared.settled.load(Ordering::Acquire)
+    }
+
+    /// Counts for `/stats`.
+    pub fn figures(&self) -> PersistFigures {
+        let settled = self.settled();
+        let saved = self.shared.saved.load(Ordering::Acquire).min(settled);
+        let batch_ms_p99 = match self.shared.batch_times.lock() {
+            Ok(times) => times.p99_millis(),
+            Err(poisoned) => poisoned.into_inner().p99_millis(),
+        };
+        PersistFigures {
+            saved,
+            not_saved: self.refused.get() + (settled - saved),
+            queued: self.accepted.get().saturating_sub(settled),
+            batch_ms_p99,
+        }
     }
 
     /// Bytes of documents waiting in the queue.
@@ -541,7 +610,11 @@ impl PersistThread<'_> {
         self.last_was_full = records.len() >= MAX_BATCH || bytes >= MAX_BATCH_BYTES;
         *batch = Arc::new(records);
         take_bytes(self.shared, bytes);
+        let started = Instant::now();
         let failures = self.inserter.save(batch, self.deadline);
+        if let Ok(mut times) = self.shared.batch_times.lock() {
+            times.note(started.elapsed());
+        }
         self.health.note(batch.len(), &failures);
         let count = batch.len();
         // Only for requests already waiting (a later one asks the database again), and only
@@ -558,6 +631,9 @@ impl PersistThread<'_> {
         *batch = Batch::default();
         stats.failed += reports.len() as u64;
         stats.saved += (count - reports.len()) as u64;
+        self.shared
+            .saved
+            .fetch_add((count - reports.len()) as u64, Ordering::Release);
         if !reports.is_empty() {
             self.results.report(Report::NotSaved(reports));
         }

@@ -11,21 +11,27 @@ use super::connection::CloseReason;
 use super::history::History;
 use super::presence::Presence;
 use super::room::Room;
+use super::stats::Stats;
 use crate::persist::{ClientRef, Persister, Record, SaveFailure, SubmitError};
 use crate::protocol::{self, Command};
 
-/// What a line may change besides the room: presence notices, the save queue, history.
+/// What a line may change besides the room: presence notices, the save queue, history; and
+/// the loop's figures, for `/stats`.
 pub struct Services<'a> {
     pub presence: &'a mut Presence,
     pub persister: Option<&'a Persister>,
     pub history: &'a mut History,
+    pub stats: &'a Stats,
 }
 
-/// Greets a new client, tells the others (see `presence` for when) and asks for its history.
+/// Lets a new client into the chat (a TLS client once its handshake is done): greets it,
+/// tells the others (see `presence` for when) and asks for its history.
 pub fn joined(room: &mut Room, services: Services<'_>, slot: usize, now: Instant) {
-    let Some(name) = room.get(slot).map(|conn| conn.name.clone()) else {
+    let Some(conn) = room.get_mut(slot) else {
         return;
     };
+    conn.joined = true;
+    let name = conn.name.clone();
     room.notice(slot, &protocol::welcome(&name));
     services.presence.joined(room, slot, now);
     services
@@ -40,6 +46,7 @@ pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], 
         presence,
         persister,
         history,
+        stats,
     } = services;
     let Some(conn) = room.get_mut(slot) else {
         return;
@@ -71,6 +78,10 @@ pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], 
         Command::Who => {
             let who = protocol::who(room.names());
             room.notice(slot, &who);
+        }
+        Command::Stats => {
+            let figures = stats.line(room, persister, now);
+            room.notice(slot, &figures);
         }
         Command::Help => {
             for line in protocol::HELP_LINES {
@@ -138,7 +149,7 @@ fn chat(room: &mut Room, persister: Option<&Persister>, slot: usize, message: &s
 fn act(room: &mut Room, persister: Option<&Persister>, slot: usize, action: &str) {
     let Some(conn) = room.get(slot) else { return };
     let (name, addr) = (conn.name.clone(), conn.addr());
-    room.notice_all(Some(slot), &protocol::action(&name, action));
+    room.action(slot, &name, action);
     if let Some(persister) = persister {
         store(room, persister, slot, (name, addr), action, true);
     }

@@ -10,15 +10,17 @@
 //! client over its rate is slowed down without losing or reordering anything.
 
 use std::collections::VecDeque;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use super::flood::TokenBucket;
+use super::transport::{Transport, WireBytes};
 use crate::config::{ClientLimits, FloodLimit};
 use crate::framing::{Frame, LineFramer};
 use crate::telnet::{TelnetFilter, HEADROOM};
@@ -37,13 +39,25 @@ pub enum CloseReason {
     WriteError(ErrorKind),
     /// The client did not read and its pending output passed `--max-output`.
     SlowConsumer,
+    /// All clients' pending output reached `--max-output-total` and this one had the most.
+    LargestBacklog,
     /// The client kept sending lines over `--max-line`.
     TooManyOverlong,
     /// The server is stopping.
     Shutdown,
+    /// The TLS handshake did not finish within `HANDSHAKE_TIMEOUT`.
+    HandshakeTimeout,
 }
 
 impl CloseReason {
+    /// Cut off for not reading (its own limit or the total one): counted and logged as such.
+    pub fn is_slow_consumer(self) -> bool {
+        matches!(
+            self,
+            CloseReason::SlowConsumer | CloseReason::LargestBacklog
+        )
+    }
+
     /// Whether output still pending is worth sending before closing: not after an I/O error,
     /// and not to a slow consumer, whose backlog is the problem.
     pub fn flushes_first(self) -> bool {
@@ -64,8 +78,12 @@ impl CloseReason {
             CloseReason::ReadError(kind) => format!("read error: {kind}"),
             CloseReason::WriteError(kind) => format!("write error: {kind}"),
             CloseReason::SlowConsumer => "slow consumer: output limit reached".to_string(),
+            CloseReason::LargestBacklog => {
+                "slow consumer: most output pending at --max-output-total".to_string()
+            }
             CloseReason::TooManyOverlong => "too many overlong lines".to_string(),
             CloseReason::Shutdown => "server shutting down".to_string(),
+            CloseReason::HandshakeTimeout => "TLS handshake not finished in time".to_string(),
         }
     }
 }
@@ -149,12 +167,34 @@ pub enum FlushOutcome {
     Failed(CloseReason),
 }
 
+/// Output pending over all connections, for `--max-output-total`: every output buffer adds
+/// what it takes in and takes off what it writes or drops. An atomic only because the loop
+/// may be moved to its thread; one thread touches it.
+#[derive(Clone, Debug, Default)]
+pub struct OutputTotal(Arc<AtomicUsize>);
+
+impl OutputTotal {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: usize) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.0.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 /// Pending output: a byte buffer with a consumed prefix, so a partial write costs no copy.
 #[derive(Debug, Default)]
 struct OutputBuffer {
     bytes: Vec<u8>,
     /// Bytes before `head` are already written.
     head: usize,
+    /// Where this buffer's pending bytes are summed with everyone else's.
+    total: OutputTotal,
 }
 
 /// A drained output buffer above this capacity is freed at once: a burst should not leave
@@ -181,9 +221,11 @@ impl OutputBuffer {
             self.head = 0;
         }
         self.bytes.extend_from_slice(data);
+        self.total.add(data.len());
     }
 
     fn consume(&mut self, written: usize) {
+        self.total.sub(written);
         self.head += written;
         if self.head == self.bytes.len() {
             self.head = 0;
@@ -200,8 +242,19 @@ impl OutputBuffer {
             return 0;
         }
         let freed = self.bytes.capacity();
-        *self = OutputBuffer::default();
+        (self.bytes, self.head) = (Vec::new(), 0);
         freed
+    }
+
+    /// Drops everything pending.
+    fn discard(&mut self) {
+        self.consume(self.len());
+    }
+}
+
+impl Drop for OutputBuffer {
+    fn drop(&mut self) {
+        self.total.sub(self.len());
     }
 }
 
@@ -215,7 +268,9 @@ struct HistoryWait {
 /// One connected client.
 #[derive(Debug)]
 pub struct Connection {
-    socket: TcpStream,
+    transport: Transport,
+    /// What crossed the network, both ways, for `/stats`.
+    wire: WireBytes,
     token: Token,
     /// Never reused, unlike the token: persistence reports carry it so a failure can never reach
     /// a later client that happens to get the same slot.
@@ -237,6 +292,9 @@ pub struct Connection {
     pub throttled: bool,
     /// Already on the loop's list of connections to read this turn: one read per turn each.
     pub read_queued: bool,
+    /// In the chat: welcomed, receiving lines, listed. A TLS client joins once its handshake
+    /// is done, so a stalled handshake is never announced and gets no chat.
+    pub joined: bool,
     /// Others have been told it joined (a join may be gathered for a while, see `presence`).
     pub announced: bool,
     /// Closed, but still writing its last output (bounded by a deadline) before the FIN.
@@ -264,31 +322,37 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Registers `socket` for readable events under `token`.
+    /// Registers the socket for readable events under `token`; its output counts in `total`.
     pub fn new(
-        mut socket: TcpStream,
+        mut transport: Transport,
         addr: SocketAddr,
-        token: Token,
-        id: u64,
+        (token, id): (Token, u64),
         registry: &Registry,
         limits: &ClientLimits,
+        total: OutputTotal,
         now: Instant,
     ) -> io::Result<Self> {
-        registry.register(&mut socket, token, Interest::READABLE)?;
+        registry.register(transport.socket(), token, Interest::READABLE)?;
         Ok(Connection {
-            socket,
+            transport,
+            wire: WireBytes::default(),
             token,
             id,
             addr,
             name: addr.to_string(),
             telnet: TelnetFilter::default(),
             framer: LineFramer::new(limits.max_line),
-            output: OutputBuffer::default(),
+            output: OutputBuffer {
+                bytes: Vec::new(),
+                head: 0,
+                total,
+            },
             bucket: limits.flood.map(|limit| TokenBucket::full(limit, now)),
             held: Vec::new(),
             held_from: 0,
             throttled: false,
             read_queued: false,
+            joined: false,
             announced: false,
             draining: false,
             overlong_lines: 0,
@@ -309,6 +373,16 @@ impl Connection {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// True while its TLS handshake is not finished (never for plain TCP).
+    pub fn is_handshaking(&self) -> bool {
+        self.transport.is_handshaking()
+    }
+
+    /// Bytes received and sent over the network so far.
+    pub fn wire_bytes(&self) -> WireBytes {
+        self.wire
     }
 
     /// Bytes read from the client so far.
@@ -411,7 +485,10 @@ impl Connection {
             }
             // Never past the budget: the last read of a turn takes only what is left of it.
             let room = scratch.len().min(HEADROOM + budget - total);
-            match self.socket.read(&mut scratch[HEADROOM..room]) {
+            match self
+                .transport
+                .read(&mut scratch[HEADROOM..room], &mut self.wire)
+            {
                 Ok(0) => return ReadOutcome::Closed(CloseReason::PeerClosed),
                 Ok(n) => {
                     total += n;
@@ -551,20 +628,40 @@ impl Connection {
         self.output.len()
     }
 
+    /// True if anything waits to be written: queued output, or TLS records (a handshake
+    /// reply, say) with no output of the client's own.
+    pub fn needs_flush(&self) -> bool {
+        self.output.len() > 0 || self.transport.has_records_to_send()
+    }
+
+    /// Drops the pending output of a client being cut off for the sake of the others.
+    pub fn discard_output(&mut self) {
+        self.output.discard();
+    }
+
     /// Writes queued output until done or the socket is full.
     pub fn flush(&mut self) -> FlushOutcome {
         while self.output.len() > 0 {
-            match self.socket.write(self.output.pending()) {
+            match self.transport.write(self.output.pending(), &mut self.wire) {
                 Ok(0) => {
                     return FlushOutcome::Failed(CloseReason::WriteError(ErrorKind::WriteZero))
                 }
                 Ok(n) => self.output.consume(n),
-                Err(err) if err.kind() == ErrorKind::WouldBlock => return FlushOutcome::Blocked,
-                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-                Err(err) => return FlushOutcome::Failed(CloseReason::WriteError(err.kind())),
+                Err(err) => match flush_error(err) {
+                    Some(outcome) => return outcome,
+                    None => continue,
+                },
             }
         }
-        FlushOutcome::Done
+        loop {
+            match self.transport.send_records(&mut self.wire) {
+                Ok(()) => return FlushOutcome::Done,
+                Err(err) => match flush_error(err) {
+                    Some(outcome) => return outcome,
+                    None => continue,
+                },
+            }
+        }
     }
 
     /// Asks for writable events only while output is blocked, so an idle socket does not wake
@@ -578,7 +675,7 @@ impl Connection {
         } else {
             Interest::READABLE
         };
-        registry.reregister(&mut self.socket, self.token, interest)?;
+        registry.reregister(self.transport.socket(), self.token, interest)?;
         self.wants_writable = wanted;
         Ok(())
     }
@@ -602,20 +699,32 @@ impl Connection {
     /// discarded first: closing a socket with unread input makes the kernel send a reset, which
     /// can destroy the last lines before the client reads them.
     pub fn say_goodbye(&mut self) {
+        self.transport.close_notify(&mut self.wire);
+        let socket = self.transport.socket();
         let mut sink = [0u8; 4096];
         for _ in 0..16 {
-            match self.socket.read(&mut sink) {
+            match socket.read(&mut sink) {
                 Ok(n) if n > 0 => {}
                 _ => break,
             }
         }
-        let _ = self.socket.shutdown(std::net::Shutdown::Write);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
     }
 
     /// Removes the socket from the poll; the socket closes when the connection is dropped.
     pub fn deregister(&mut self, registry: &Registry) {
         // The socket is about to be closed, which removes it from epoll anyway.
-        let _ = registry.deregister(&mut self.socket);
+        let _ = registry.deregister(self.transport.socket());
+    }
+}
+
+/// What a failed write means for a flush: `None` to try again (interrupted), else how the
+/// flush ends.
+fn flush_error(err: io::Error) -> Option<FlushOutcome> {
+    match err.kind() {
+        ErrorKind::Interrupted => None,
+        ErrorKind::WouldBlock => Some(FlushOutcome::Blocked),
+        kind => Some(FlushOutcome::Failed(CloseReason::WriteError(kind))),
     }
 }
 

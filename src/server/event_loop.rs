@@ -10,6 +10,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -21,10 +22,13 @@ use super::connection::{CloseReason, FlushOutcome, Input, InputBatch, ReadOutcom
 use super::heap;
 use super::history::History;
 use super::inbox::{Inbox, LoopInput};
+use super::per_address::PerAddress;
 use super::presence::Presence;
 use super::room::Room;
 use super::socket_options::{ClientSocketOptions, INHERITED_FROM_LISTENER};
+use super::stats::Stats;
 use super::timers::{Due, Timers};
+use super::transport::Transport;
 use crate::config::ServerConfig;
 use crate::persist::{ClientRef, Persister};
 use crate::protocol;
@@ -33,6 +37,7 @@ use crate::{debug, error, info, warn};
 
 pub const LISTENER: Token = Token(0);
 pub const WAKER: Token = Token(1);
+pub const TLS_LISTENER: Token = Token(2);
 
 /// Size of the one read buffer all connections share, in bytes.
 const READ_CHUNK: usize = 64 * 1024;
@@ -67,17 +72,59 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 /// has to take its last output before the connection is closed anyway: long enough for a
 /// client that reads, short enough that one that does not gives its slot back soon.
 pub const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TLS client has to finish its handshake before it is closed: ample for a slow
+/// link, and a connection that never speaks gives its slot back soon.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The listening sockets: plain TCP, TLS (with its certificate), or both.
+pub struct Listeners {
+    pub plain: Option<TcpListener>,
+    pub tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+}
+
+impl Listeners {
+    fn register(&mut self, poll: &Poll) -> io::Result<()> {
+        if let Some(listener) = &mut self.plain {
+            poll.registry()
+                .register(listener, LISTENER, Interest::READABLE)?;
+        }
+        if let Some((listener, _)) = &mut self.tls {
+            poll.registry()
+                .register(listener, TLS_LISTENER, Interest::READABLE)?;
+        }
+        Ok(())
+    }
+
+    fn each(&self) -> impl Iterator<Item = &TcpListener> {
+        self.plain
+            .iter()
+            .chain(self.tls.iter().map(|(listener, _)| listener))
+    }
+
+    fn deregister(&mut self, poll: &Poll) {
+        if let Some(listener) = &mut self.plain {
+            let _ = poll.registry().deregister(listener);
+        }
+        if let Some((listener, _)) = &mut self.tls {
+            let _ = poll.registry().deregister(listener);
+        }
+    }
+}
 
 /// The state one thread owns while serving.
 pub struct EventLoop {
     pub(super) poll: Poll,
-    pub(super) listener: TcpListener,
+    listeners: Listeners,
     pub(super) inbox: Inbox,
     pub(super) persister: Option<Persister>,
     pub(super) room: Room,
     presence: Presence,
     history: History,
     timers: Timers,
+    stats: Stats,
+    /// `--stats-interval`, and when the stats line is logged next.
+    stats_interval: Option<Duration>,
+    next_stats_log: Option<Instant>,
     max_clients: usize,
     socket_options: ClientSocketOptions,
     shutdown_timeout: Duration,
@@ -105,22 +152,25 @@ impl EventLoop {
     /// Puts the parts together; the listener is registered here.
     pub(super) fn new(
         poll: Poll,
-        mut listener: TcpListener,
+        mut listeners: Listeners,
         inbox: Inbox,
         persister: Option<Persister>,
         config: &ServerConfig,
     ) -> io::Result<Self> {
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        listeners.register(&poll)?;
         let socket_options = ClientSocketOptions::new(config.keepalive);
         // Accepted sockets inherit these where the system allows (see `socket_options`).
-        socket_options.apply(SockRef::from(&listener))?;
+        for listener in listeners.each() {
+            socket_options.apply(SockRef::from(listener))?;
+        }
+        let per_address = PerAddress::new(config.max_per_ip, &config.max_per_ip_exempt);
+        let now = Instant::now();
         Ok(EventLoop {
             poll,
-            listener,
+            listeners,
             inbox,
             persister,
-            room: Room::new(config.limits),
+            room: Room::new(config.limits, config.max_output_total, per_address),
             presence: Presence::new(config.presence_interval),
             history: History::new(
                 config.history_on_join,
@@ -131,6 +181,9 @@ impl EventLoop {
                     .map_or(Duration::ZERO, |store| store.timeout),
             ),
             timers: Timers::default(),
+            stats: Stats::new(config.max_clients, now),
+            stats_interval: config.stats_interval,
+            next_stats_log: config.stats_interval.map(|every| now + every),
             max_clients: config.max_clients,
             socket_options,
             shutdown_timeout: config.shutdown_timeout,
@@ -144,7 +197,7 @@ impl EventLoop {
             accept_failing: false,
             accept_again: false,
             refusing: false,
-            now: Instant::now(),
+            now,
             running: true,
         })
     }
@@ -171,7 +224,7 @@ impl EventLoop {
         self.fire_timers();
         for event in events.iter() {
             match event.token() {
-                LISTENER => self.accept_all(),
+                LISTENER | TLS_LISTENER => self.accept_all(),
                 WAKER => {} // drained below, every turn
                 token => self.client_ready(token, event.is_writable()),
             }
@@ -203,6 +256,7 @@ impl EventLoop {
             self.timers.next_at(),
             self.presence.next_due(),
             self.history.next_due(),
+            self.next_stats_log,
         ];
         for due in next_dues.into_iter().flatten() {
             wake = wake.min(due);
@@ -214,6 +268,7 @@ impl EventLoop {
     fn fire_timers(&mut self) {
         self.presence.announce_due(&mut self.room, self.now);
         self.history.expire_due(&mut self.room, self.now);
+        self.log_stats_if_due();
         while let Some(due) = self.timers.pop_due(self.now) {
             match due {
                 Due::Resume(client) => {
@@ -227,8 +282,34 @@ impl EventLoop {
                         self.finish_close(client.slot, false);
                     }
                 }
+                Due::HandshakeDeadline(client) => {
+                    if self
+                        .room
+                        .find(client)
+                        .is_some_and(|conn| conn.is_handshaking())
+                    {
+                        self.room.close(client.slot, CloseReason::HandshakeTimeout);
+                    }
+                }
             }
         }
+    }
+
+    /// `--stats-interval`: the `/stats` line in the log.
+    fn log_stats_if_due(&mut self) {
+        let (Some(every), Some(due)) = (self.stats_interval, self.next_stats_log) else {
+            return;
+        };
+        if self.now < due {
+            return;
+        }
+        info!(
+            "{}",
+            self.stats
+                .line(&self.room, self.persister.as_ref(), self.now)
+        );
+        // From now, not from `due`: a loop that was busy does not log a burst to catch up.
+        self.next_stats_log = Some(self.now + every);
     }
 
     /// Reaps closed connections, writes pending output, and now and then frees idle buffers.
@@ -253,15 +334,27 @@ impl EventLoop {
         }
     }
 
+    /// Accepts what waits on every listener, up to a budget each.
     fn accept_all(&mut self) {
+        let plain = self.accept_from(false);
+        let tls = self.accept_from(true);
+        self.accept_again = plain || tls;
+    }
+
+    /// Accepts from one listener; true if its budget ran out with connections possibly left.
+    fn accept_from(&mut self, tls: bool) -> bool {
         for _ in 0..ACCEPT_BUDGET {
-            match self.listener.accept() {
-                Ok((socket, addr)) => self.admit(socket, addr),
+            let listener = match (tls, &self.listeners.plain, &self.listeners.tls) {
+                (false, Some(listener), _) | (true, _, Some((listener, _))) => listener,
+                _ => return false,
+            };
+            match listener.accept() {
+                Ok((socket, addr)) => self.admit(socket, addr, tls),
                 Err(err) if err.kind() == ErrorKind::WouldBlock => {
                     if std::mem::take(&mut self.accept_failing) {
                         info!("accepting connections again");
                     }
-                    return;
+                    return false;
                 }
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                 Err(err) => {
@@ -271,43 +364,74 @@ impl EventLoop {
                         error!("accept failed: {err}; retrying every {ACCEPT_RETRY:?}");
                         self.accept_failing = true;
                     }
-                    return;
+                    return false;
                 }
             }
         }
-        self.accept_again = true;
+        true
     }
 
-    /// Adds a new client to the room, or refuses it when the server is full.
-    fn admit(&mut self, socket: TcpStream, addr: SocketAddr) {
+    /// Adds a new client to the room, or refuses it when the server is full or its address
+    /// holds `--max-per-ip` connections. A plain client joins the chat at once, a TLS one when
+    /// its handshake is done (see `read_from`).
+    fn admit(&mut self, socket: TcpStream, addr: SocketAddr, tls: bool) {
         if self.room.len() >= self.max_clients {
-            return self.refuse(socket);
+            self.stats.rejected_full += 1;
+            self.log_server_full();
+            return refuse(socket, tls, &protocol::server_full(self.max_clients));
         }
         if std::mem::take(&mut self.refusing) {
             info!("below --max-clients again: accepting new clients");
+        }
+        if let Some(limit) = self.room.address_full(addr.ip()) {
+            self.stats.rejected_per_ip += 1;
+            debug!("client {addr} refused: its address holds {limit} connections (--max-per-ip)");
+            return refuse(socket, tls, &protocol::too_many_from_address(limit));
         }
         if !INHERITED_FROM_LISTENER {
             if let Err(err) = self.socket_options.apply(SockRef::from(&socket)) {
                 return warn!("could not set up client {addr}: {err}");
             }
         }
-        match self.room.add(socket, addr, self.poll.registry(), self.now) {
+        let transport = match &self.listeners.tls {
+            Some((_, config)) if tls => match Transport::tls(socket, config) {
+                Ok(transport) => transport,
+                Err(err) => return warn!("could not set up TLS client {addr}: {err}"),
+            },
+            _ => Transport::Plain(socket),
+        };
+        match self
+            .room
+            .add(transport, addr, self.poll.registry(), self.now)
+        {
             Ok(slot) => {
+                self.stats.connections_total += 1;
                 debug!("client {addr} connected ({} online)", self.room.len());
-                let services = Services {
-                    presence: &mut self.presence,
-                    persister: self.persister.as_ref(),
-                    history: &mut self.history,
-                };
-                chat::joined(&mut self.room, services, slot, self.now);
+                if tls {
+                    let client = self.room.client_ref(slot).expect("just added");
+                    let deadline = self.now + HANDSHAKE_TIMEOUT;
+                    self.timers.add(deadline, Due::HandshakeDeadline(client));
+                } else {
+                    self.join(slot);
+                }
             }
             Err(err) => warn!("could not set up client {addr}: {err}"),
         }
     }
 
-    /// Tells a client over `--max-clients` that the server is full and closes it, without ever
-    /// registering it. One short line always fits in a new socket's send buffer.
-    fn refuse(&mut self, mut socket: TcpStream) {
+    /// Lets the client in `slot` into the chat.
+    fn join(&mut self, slot: usize) {
+        let services = Services {
+            presence: &mut self.presence,
+            persister: self.persister.as_ref(),
+            history: &mut self.history,
+            stats: &self.stats,
+        };
+        chat::joined(&mut self.room, services, slot, self.now);
+    }
+
+    /// Says once per episode that the server is full.
+    fn log_server_full(&mut self) {
         if !self.refusing {
             warn!(
                 "server full ({} clients, --max-clients): refusing new clients",
@@ -315,13 +439,6 @@ impl EventLoop {
             );
             self.refusing = true;
         }
-        let mut line = Vec::new();
-        protocol::write_error(&mut line, &protocol::server_full(self.max_clients));
-        let _ = socket.write(&line);
-        // Whatever the client already sent would turn the close into a reset that can destroy
-        // the line above before the client reads it.
-        let _ = socket.read(&mut self.scratch);
-        let _ = socket.shutdown(std::net::Shutdown::Write);
     }
 
     fn drain_inbox(&mut self) {
@@ -393,6 +510,14 @@ impl EventLoop {
         let allowance = conn.line_allowance(flood, self.now);
         self.batch.clear();
         let outcome = conn.read(&mut self.scratch, READ_BUDGET, &mut self.batch, allowance);
+        let handshake_done = !conn.joined && !conn.is_handshaking() && conn.closing().is_none();
+        if conn.needs_flush() {
+            // TLS handshake replies, which no line of the chat would schedule.
+            self.room.schedule_flush(slot);
+        }
+        if handshake_done {
+            self.join(slot);
+        }
         for item in self.batch.items() {
             if self
                 .room
@@ -407,6 +532,7 @@ impl EventLoop {
                         presence: &mut self.presence,
                         persister: self.persister.as_ref(),
                         history: &mut self.history,
+                        stats: &self.stats,
                     };
                     chat::line(
                         &mut self.room,
@@ -452,6 +578,7 @@ impl EventLoop {
         conn.throttled = true;
         self.timers.add(resume_at, Due::Resume(client));
         if waiting {
+            self.stats.flood_delayed += 1;
             chat::flood_delayed(&mut self.room, client.slot);
         }
     }
@@ -467,7 +594,7 @@ impl EventLoop {
                 FlushOutcome::Done => self.finish_close(slot, true),
                 FlushOutcome::Failed(_) => self.finish_close(slot, false),
             }
-        } else if conn.closing().is_none() && conn.pending_output() > 0 {
+        } else if conn.closing().is_none() && conn.needs_flush() {
             self.flush_one(slot);
         }
     }
@@ -535,7 +662,7 @@ impl EventLoop {
                 continue;
             }
             let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
-            let (name, id) = (conn.name.clone(), conn.id());
+            let (name, id, joined) = (conn.name.clone(), conn.id(), conn.joined);
             let blocked = reason.flushes_first() && conn.flush() == FlushOutcome::Blocked;
             // Also while stopping: `drain_before_exit` writes closing clients' output too.
             if blocked && conn.set_wants_writable(registry, true).is_ok() {
@@ -547,7 +674,7 @@ impl EventLoop {
                 let flushed = reason.flushes_first() && !blocked;
                 self.finish_close(slot, flushed);
             }
-            if self.running {
+            if self.running && joined {
                 let client = ClientRef { slot, id };
                 self.presence.left(&mut self.room, client, &name, self.now);
             }
@@ -565,6 +692,13 @@ impl EventLoop {
         }
         conn.deregister(self.poll.registry());
         let reason = conn.closing().unwrap_or(CloseReason::Shutdown);
+        if reason.is_slow_consumer() {
+            self.stats.slow_consumers += 1;
+        }
+        if conn.is_handshaking() {
+            // Counted, and logged only at debug: scanners and broken clients are common.
+            self.stats.tls_handshake_failures += 1;
+        }
         let unsent = if conn.pending_output() > 0 {
             format!(
                 " ({} bytes of its last output not taken)",
@@ -574,7 +708,7 @@ impl EventLoop {
             String::new()
         };
         let (addr, name) = (conn.addr(), &conn.name);
-        if reason == CloseReason::SlowConsumer {
+        if reason.is_slow_consumer() {
             warn!("client {addr} ({name}) disconnected: {}", reason.describe());
         } else {
             debug!(
@@ -589,7 +723,7 @@ impl EventLoop {
     /// client has taken its output and persistence has dealt with everything accepted.
     fn shut_down(&mut self) {
         let deadline = Instant::now() + self.shutdown_timeout;
-        let _ = self.poll.registry().deregister(&mut self.listener);
+        self.listeners.deregister(&self.poll);
         if let Some(persister) = &mut self.persister {
             persister.close();
         }
@@ -642,7 +776,7 @@ impl EventLoop {
             let Some(mut conn) = self.room.remove(slot) else {
                 continue;
             };
-            if conn.pending_output() == 0 {
+            if !conn.needs_flush() {
                 conn.say_goodbye();
             } else {
                 unflushed += 1;
@@ -674,6 +808,21 @@ impl EventLoop {
     }
 }
 
+/// Tells a refused client why (in the clear: on the TLS port no line can reach it before a
+/// handshake, so it is only closed) and closes it, without ever registering it. One short line
+/// always fits in a new socket's send buffer.
+fn refuse(mut socket: TcpStream, tls: bool, why: &str) {
+    if !tls {
+        let mut line = Vec::new();
+        protocol::write_error(&mut line, why);
+        let _ = socket.write(&line);
+        // Whatever the client already sent would turn the close into a reset that can destroy
+        // the line above before the client reads it.
+        let _ = socket.read(&mut [0; 4096]);
+    }
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,7 +836,11 @@ mod tests {
         let (_sender, inbox) = Inbox::new(waker);
         let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let event_loop = EventLoop::new(poll, listener, inbox, None, config).unwrap();
+        let listeners = Listeners {
+            plain: Some(listener),
+            tls: None,
+        };
+        let event_loop = EventLoop::new(poll, listeners, inbox, None, config).unwrap();
         (event_loop, addr)
     }
 

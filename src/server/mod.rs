@@ -11,10 +11,14 @@ mod flood;
 mod heap;
 mod history;
 pub mod inbox;
+mod per_address;
 mod presence;
 mod room;
 mod socket_options;
+mod stats;
 mod timers;
+mod tls;
+mod transport;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::thread::{self, JoinHandle};
@@ -29,13 +33,16 @@ use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::persist::{redact_uri, Persister};
 use crate::{info, warn};
-use event_loop::{EventLoop, WAKER};
+use event_loop::{EventLoop, Listeners, WAKER};
 use inbox::{Inbox, LoopInput, LoopSender};
 
 /// A bound server, ready to run.
 pub struct Server {
     event_loop: EventLoop,
+    /// The plain listener's address, or the TLS one's with `--no-plain`.
     local_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    plain: bool,
     /// The listen backlog in force: the requested one, capped by the system.
     backlog: u32,
     sender: LoopSender,
@@ -87,12 +94,27 @@ fn signal_name(signal: i32) -> &'static str {
 }
 
 impl Server {
-    /// Binds the listener and starts the persistence thread (if configured).
+    /// Reads the TLS certificate (if any), binds the listeners and starts the persistence
+    /// thread (if configured).
     pub fn bind(config: ServerConfig) -> Result<Server, Error> {
-        let addr = resolve(&config.host, config.port)?;
+        let tls_config = config.tls.as_ref().map(tls::server_config).transpose()?;
         let backlog = effective_backlog(config.backlog);
-        let listener = listen(addr, backlog).map_err(|source| Error::Bind { addr, source })?;
-        let local_addr = listener.local_addr()?;
+        let bind = |port| -> Result<TcpListener, Error> {
+            let addr = resolve(&config.host, port)?;
+            listen(addr, backlog).map_err(|source| Error::Bind { addr, source })
+        };
+        let plain = config.plain.then(|| bind(config.port)).transpose()?;
+        let tls = match (&config.tls, tls_config) {
+            (Some(listen), Some(tls_config)) => Some((bind(listen.port)?, tls_config)),
+            _ => None,
+        };
+        let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
+        let local_addr = match (&plain, tls_addr) {
+            (Some(listener), _) => listener.local_addr()?,
+            (None, Some(addr)) => addr,
+            (None, None) => unreachable!("config parsing refuses --no-plain without TLS"),
+        };
+        let listeners = Listeners { plain, tls };
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let (sender, inbox) = Inbox::new(waker);
@@ -111,18 +133,25 @@ impl Server {
                 None
             }
         };
-        let event_loop = EventLoop::new(poll, listener, inbox, persister, &config)?;
+        let event_loop = EventLoop::new(poll, listeners, inbox, persister, &config)?;
         Ok(Server {
             event_loop,
             local_addr,
+            tls_addr,
+            plain: config.plain,
             backlog,
             sender,
         })
     }
 
-    /// The address clients connect to.
+    /// The address clients connect to: the plain listener's, or with `--no-plain` the TLS one's.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// A handle that can stop the server once it runs.
@@ -134,10 +163,15 @@ impl Server {
 
     /// Serves on this thread until shut down.
     pub fn run(self) -> Result<(), Error> {
-        info!(
-            "listening on {} (backlog {})",
-            self.local_addr, self.backlog
-        );
+        if self.plain {
+            info!(
+                "listening on {} (backlog {})",
+                self.local_addr, self.backlog
+            );
+        }
+        if let Some(addr) = self.tls_addr {
+            info!("listening for TLS on {addr} (backlog {})", self.backlog);
+        }
         self.event_loop.run()?;
         info!("server stopped");
         Ok(())
@@ -146,12 +180,14 @@ impl Server {
     /// Runs the server on a new thread: for tests, benches and programs that embed it.
     pub fn spawn(self) -> Result<RunningServer, Error> {
         let addr = self.local_addr;
+        let tls_addr = self.tls_addr;
         let handle = self.handle();
         let thread = thread::Builder::new()
             .name("peerchat-loop".to_string())
             .spawn(move || self.run())?;
         Ok(RunningServer {
             addr,
+            tls_addr,
             handle,
             thread: Some(thread),
         })
@@ -161,6 +197,7 @@ impl Server {
 /// A server running on its own thread; dropping it shuts the server down.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
     pub handle: ServerHandle,
     thread: Option<JoinHandle<Result<(), Error>>>,
 }

@@ -10,16 +10,17 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use mio::net::TcpStream;
 use mio::{Registry, Token};
 
-use super::connection::{CloseReason, Connection};
+use super::connection::{CloseReason, Connection, OutputTotal};
+use super::per_address::PerAddress;
+use super::transport::{Transport, WireBytes};
 use crate::config::ClientLimits;
 use crate::persist::ClientRef;
 use crate::protocol;
 
-/// Tokens below this are the listener and the waker; client slot `n` has token `n + FIRST`.
-pub const FIRST_CLIENT_TOKEN: usize = 2;
+/// Tokens below this are the listeners and the waker; client slot `n` has token `n + FIRST`.
+pub const FIRST_CLIENT_TOKEN: usize = 3;
 
 /// All connections, indexed by slot.
 #[derive(Debug)]
@@ -37,7 +38,27 @@ pub struct Room {
     /// Chat lines from `chat_from`, encoded, not yet copied to the others.
     gathered_chat: Vec<u8>,
     chat_from: Option<usize>,
+    /// Chat lines in `gathered_chat`: each is one delivery per recipient.
+    gathered_lines: u64,
     limits: ClientLimits,
+    /// Output pending over all connections, and its bound (`--max-output-total`).
+    output_total: OutputTotal,
+    max_output_total: usize,
+    traffic: Traffic,
+    /// Bytes over the network of connections already gone.
+    wire_of_closed: WireBytes,
+    per_address: PerAddress,
+}
+
+/// What went through the room since the start, for `/stats`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Traffic {
+    /// Chat messages and actions accepted from clients.
+    pub msgs_in: u64,
+    /// Chat messages and actions queued to recipients, one per recipient.
+    pub deliveries_out: u64,
+    /// Bytes over the network (TLS records, not the text inside), every connection.
+    pub wire: WireBytes,
 }
 
 /// Gathered chat is sent on once it reaches this size, so one copy stays cache-friendly and the
@@ -45,7 +66,7 @@ pub struct Room {
 const GATHER_AT_MOST: usize = 16 * 1024;
 
 impl Room {
-    pub fn new(limits: ClientLimits) -> Self {
+    pub fn new(limits: ClientLimits, max_output_total: usize, per_address: PerAddress) -> Self {
         Room {
             slots: Vec::new(),
             free: Vec::new(),
@@ -55,14 +76,20 @@ impl Room {
             line: Vec::new(),
             gathered_chat: Vec::new(),
             chat_from: None,
+            gathered_lines: 0,
             limits,
+            output_total: OutputTotal::default(),
+            max_output_total,
+            traffic: Traffic::default(),
+            wire_of_closed: WireBytes::default(),
+            per_address,
         }
     }
 
     /// Adds a new client and registers its socket. Returns its slot.
     pub fn add(
         &mut self,
-        socket: TcpStream,
+        transport: Transport,
         addr: SocketAddr,
         registry: &Registry,
         now: Instant,
@@ -70,7 +97,17 @@ impl Room {
         let slot = self.free.pop().unwrap_or(self.slots.len());
         let token = Token(slot + FIRST_CLIENT_TOKEN);
         let id = self.next_id;
-        let conn = match Connection::new(socket, addr, token, id, registry, &self.limits, now) {
+        let total = self.output_total.clone();
+        let conn = Connection::new(
+            transport,
+            addr,
+            (token, id),
+            registry,
+            &self.limits,
+            total,
+            now,
+        );
+        let conn = match conn {
             Ok(conn) => conn,
             Err(err) => {
                 if slot < self.slots.len() {
@@ -80,12 +117,18 @@ impl Room {
             }
         };
         self.next_id += 1;
+        self.per_address.connected(addr.ip());
         if slot == self.slots.len() {
             self.slots.push(Some(conn));
         } else {
             self.slots[slot] = Some(conn);
         }
         Ok(slot)
+    }
+
+    /// `--max-per-ip`, if `ip` already holds that many connections.
+    pub fn address_full(&self, ip: std::net::IpAddr) -> Option<usize> {
+        self.per_address.full(ip)
     }
 
     pub fn limits(&self) -> &ClientLimits {
@@ -165,6 +208,8 @@ impl Room {
             self.send_gathered_chat();
         }
         protocol::write_chat(&mut self.gathered_chat, name, text);
+        self.gathered_lines += 1;
+        self.traffic.msgs_in += 1;
         self.chat_from = Some(from);
         if self.gathered_chat.len() >= GATHER_AT_MOST {
             self.send_gathered_chat();
@@ -178,9 +223,27 @@ impl Room {
             return;
         };
         std::mem::swap(&mut self.line, &mut self.gathered_chat);
-        self.fan_out(Some(from));
+        let recipients = self.fan_out(Some(from)) as u64;
         std::mem::swap(&mut self.line, &mut self.gathered_chat);
         self.gathered_chat.clear();
+        self.traffic.deliveries_out += recipients * std::mem::take(&mut self.gathered_lines);
+    }
+
+    /// `/me`: `* NAME ACTION` to every open connection except the sender; a message like chat.
+    pub fn action(&mut self, from: usize, name: &str, action: &str) {
+        self.traffic.msgs_in += 1;
+        let recipients = self.notice_all(Some(from), &protocol::action(name, action));
+        self.traffic.deliveries_out += recipients as u64;
+    }
+
+    /// Chat counts so far, and bytes over the network of every connection, gone or here.
+    pub fn traffic(&self) -> Traffic {
+        let mut traffic = self.traffic;
+        traffic.wire = self.wire_of_closed;
+        for conn in self.slots.iter().flatten() {
+            traffic.wire.add(conn.wire_bytes());
+        }
+        traffic
     }
 
     /// `* TEXT` to every open connection except `except`; returns how many it went to.
@@ -247,6 +310,8 @@ impl Room {
     pub fn remove(&mut self, slot: usize) -> Option<Connection> {
         let conn = self.slots.get_mut(slot).and_then(Option::take)?;
         self.free.push(slot);
+        self.wire_of_closed.add(conn.wire_bytes());
+        self.per_address.disconnected(conn.addr().ip());
         Some(conn)
     }
 
@@ -269,10 +334,7 @@ impl Room {
     /// True if any connection, closing ones still writing their last output included, has
     /// output not yet written.
     pub fn has_pending_output(&self) -> bool {
-        self.slots
-            .iter()
-            .flatten()
-            .any(|conn| conn.pending_output() > 0)
+        self.slots.iter().flatten().any(Connection::needs_flush)
     }
 
     /// Every open slot, for shutdown notices.
@@ -292,7 +354,7 @@ impl Room {
             .iter()
             .enumerate()
             .filter_map(|(slot, conn)| conn.as_ref().map(|conn| (slot, conn)))
-            .filter(|(_, conn)| conn.closing().is_none())
+            .filter(|(_, conn)| conn.joined && conn.closing().is_none())
     }
 
     /// Copies the encoded line to every open connection except `except`; returns how many it
@@ -327,7 +389,7 @@ impl Room {
     }
 
     /// Files `slot` for this turn's flush, once.
-    fn schedule_flush(&mut self, slot: usize) {
+    pub fn schedule_flush(&mut self, slot: usize) {
         if let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) {
             if !conn.flush_scheduled {
                 conn.flush_scheduled = true;
@@ -336,15 +398,53 @@ impl Room {
         }
     }
 
+    /// Keeps the output of all clients within `--max-output-total` before `extra` bytes go to
+    /// `slot`: while they would not fit, the client with the most pending output is cut off as
+    /// a slow consumer and its output dropped. False if that was `slot` itself.
+    fn make_room(&mut self, slot: usize, extra: usize) -> bool {
+        while self.output_total.get() + extra > self.max_output_total {
+            let Some(largest) = self.largest_backlog() else {
+                return true; // nothing pending anywhere: one line over the bound goes out
+            };
+            if let Some(conn) = self.get_mut(largest) {
+                conn.discard_output();
+                if conn.close(CloseReason::LargestBacklog) {
+                    self.to_reap.push(largest);
+                }
+            }
+            if largest == slot {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The connection with the most output pending, closing ones still writing included.
+    fn largest_backlog(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, conn)| Some((slot, conn.as_ref()?.pending_output())))
+            .filter(|&(_, pending)| pending > 0)
+            .max_by_key(|&(_, pending)| pending)
+            .map(|(slot, _)| slot)
+    }
+
     /// Queues the encoded line to one open connection and files it for flushing, or for
     /// reaping when this line takes it over the output limit. True if it was queued.
     fn deliver(&mut self, slot: usize) -> bool {
         let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
             return false;
         };
-        if conn.closing().is_some() {
+        if !conn.joined || conn.closing().is_some() {
             return false;
         }
+        if !self.make_room(slot, self.line.len()) {
+            return false;
+        }
+        let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
         if !conn.queue(&self.line, self.limits.max_output) {
             self.to_reap.push(slot);
             return false;

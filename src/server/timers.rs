@@ -1,5 +1,6 @@
 //! Deadlines the event loop keeps for its clients: when a client slowed down by flood control
-//! may be read again, and when a closing client's last output is given up on. The loop's poll
+//! may be read again, when a closing client's last output is given up on, and when a TLS
+//! handshake has taken too long. The loop's poll
 //! timeout comes from the earliest one.
 //!
 //! A timer names its client by slot and never-reused id, so one that fires after the client has
@@ -18,6 +19,8 @@ pub enum Due {
     Resume(ClientRef),
     /// The client's last output has had its time: close it now.
     CloseDeadline(ClientRef),
+    /// The client's TLS handshake has had its time: close it if it is still not done.
+    HandshakeDeadline(ClientRef),
 }
 
 /// Pending deadlines, earliest first.
@@ -28,28 +31,32 @@ pub struct Timers {
     added: u64,
 }
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, PartialEq, Eq)]
 struct Entry {
     at: Instant,
     order: u64,
-    slot: usize,
-    id: u64,
-    close: bool,
+    due: Due,
+}
+
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.order).cmp(&(other.at, other.order))
+    }
+}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Timers {
     pub fn add(&mut self, at: Instant, due: Due) {
-        let (client, close) = match due {
-            Due::Resume(client) => (client, false),
-            Due::CloseDeadline(client) => (client, true),
-        };
         self.added += 1;
         self.heap.push(Reverse(Entry {
             at,
             order: self.added,
-            slot: client.slot,
-            id: client.id,
-            close,
+            due,
         }));
     }
 
@@ -63,16 +70,7 @@ impl Timers {
         if self.next_at()? > now {
             return None;
         }
-        let Reverse(entry) = self.heap.pop()?;
-        let client = ClientRef {
-            slot: entry.slot,
-            id: entry.id,
-        };
-        Some(if entry.close {
-            Due::CloseDeadline(client)
-        } else {
-            Due::Resume(client)
-        })
+        self.heap.pop().map(|Reverse(entry)| entry.due)
     }
 }
 

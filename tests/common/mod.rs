@@ -74,11 +74,7 @@ impl Chat {
             writer,
             name: String::new(),
         };
-        let welcome = chat.line();
-        let rest = welcome
-            .strip_prefix("* welcome, you are ")
-            .unwrap_or_else(|| panic!("expected a welcome line, got {welcome:?}"));
-        chat.name = rest.split(' ').next().unwrap().to_string();
+        chat.name = name_in_welcome(&chat.line());
         assert_eq!(chat.name, chat.local_addr().to_string());
         chat
     }
@@ -217,6 +213,14 @@ impl Chat {
             }
         }
     }
+}
+
+/// The name the server gave a new client, from its welcome line.
+pub fn name_in_welcome(welcome: &str) -> String {
+    let rest = welcome
+        .strip_prefix("* welcome, you are ")
+        .unwrap_or_else(|| panic!("expected a welcome line, got {welcome:?}"));
+    rest.split(' ').next().unwrap().to_string()
 }
 
 /// Two clients named alice and bob, connected in that order, with every join and rename

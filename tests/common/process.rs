@@ -55,7 +55,17 @@ fn forward_log(server: &mut Child) -> mpsc::Receiver<String> {
 /// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
 /// address, read from its `listening on ADDR` log line.
 pub fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAddr) {
-    let command = format!("{shell_prefix} exec '{SERVER}' --port 0 {flags}");
+    spawn_server_waiting_for(shell_prefix, &format!("--port 0 {flags}"), "listening on ")
+}
+
+/// Starts the server binary with `flags` under `sh -c`, returning it and the address in its
+/// first log line containing `marker` (`listening on `, or `listening for TLS on `).
+pub fn spawn_server_waiting_for(
+    shell_prefix: &str,
+    flags: &str,
+    marker: &str,
+) -> (ServerProcess, SocketAddr) {
+    let command = format!("{shell_prefix} exec '{SERVER}' {flags}");
     let mut child = Command::new("sh")
         .args(["-c", &command])
         .stdin(Stdio::null())
@@ -69,10 +79,10 @@ pub fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAd
         log,
         listening: String::new(),
     };
-    let line = server.wait_for_log(|line| line.contains("listening on "));
+    let line = server.wait_for_log(|line| line.contains(marker));
     server.listening = line.clone();
     // `listening on 127.0.0.1:PORT (backlog 1024)`
-    let addr = line.split("listening on ").nth(1).unwrap();
+    let addr = line.split(marker).nth(1).unwrap();
     let addr = addr.split_whitespace().next().expect("address in log");
     (server, addr.parse().expect("address in log"))
 }

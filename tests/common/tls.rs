@@ -3,10 +3,18 @@
 //! (`fullchain.pem` with the chain, `privkey.pem` with the key), so the server loads them
 //! through its real start-up path and clients verify against the CA as they would in use.
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+use super::DEADLINE;
 
 /// A CA and a server certificate, in a directory of their own that is removed on drop.
 pub struct TestCerts {
@@ -67,5 +75,113 @@ impl TestCerts {
 impl Drop for TestCerts {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestCerts {
+    /// A rustls client configuration that trusts only this CA.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca_der.clone()))
+            .expect("CA certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+/// A line client over TLS, verifying the server against the test CA: the TLS twin of `Chat`.
+pub struct TlsChat {
+    stream: StreamOwned<ClientConnection, TcpStream>,
+    /// Bytes read and not yet returned as a line.
+    pending: Vec<u8>,
+    pub name: String,
+}
+
+impl TlsChat {
+    /// Connects, completes the handshake and reads the welcome line.
+    pub fn connect(addr: SocketAddr, certs: &TestCerts) -> TlsChat {
+        let socket = TcpStream::connect(addr).expect("connect to TLS port");
+        let name = ServerName::try_from("localhost").unwrap();
+        let session = ClientConnection::new(certs.client_config(), name).expect("TLS session");
+        let mut chat = TlsChat {
+            stream: StreamOwned::new(session, socket),
+            pending: Vec::new(),
+            name: String::new(),
+        };
+        chat.name = super::name_in_welcome(&chat.line());
+        chat
+    }
+
+    /// Sends one line, adding `\n`.
+    pub fn send(&mut self, line: &str) {
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("send over TLS");
+        self.stream.flush().expect("flush TLS");
+    }
+
+    /// The next line (without `\r\n`); fails the test after `DEADLINE`, or at the end of the
+    /// stream.
+    pub fn line(&mut self) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                let text = String::from_utf8(line).expect("server sends UTF-8");
+                return text.trim_end_matches(['\r', '\n']).to_string();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: no line within {DEADLINE:?}",
+                self.name
+            );
+            self.stream.sock.set_read_timeout(Some(left)).unwrap();
+            let mut buf = [0u8; 16 * 1024];
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("{}: server closed the connection", self.name),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(err) => panic!("{}: TLS read failed: {err}", self.name),
+            }
+        }
+    }
+
+    /// Reads lines until one matches, returning it.
+    pub fn wait_for(&mut self, mut wanted: impl FnMut(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            let line = self.line();
+            if wanted(&line) {
+                return line;
+            }
+        }
+        panic!("{}: expected line did not arrive", self.name);
+    }
+}
+
+/// Waits up to `limit` for the server to close `socket` (end of stream or reset), reading and
+/// dropping what it sends; true if it did.
+pub fn closed_within(socket: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        socket.set_read_timeout(Some(left)).unwrap();
+        match socket.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
     }
 }

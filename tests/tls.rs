@@ -1,0 +1,158 @@
+//! The TLS listener: same chat inside TLS, across listeners; certificate errors at start; the
+//! handshake deadline; `--no-plain`.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::process::{run_bounded, spawn_server_waiting_for, SERVER};
+use common::tls::{closed_within, TestCerts, TlsChat};
+use common::{start_server, Chat, DEADLINE};
+use peerchat::config::TlsListen;
+use peerchat::ServerConfig;
+
+/// A server without persistence with a TLS listener beside the plain one.
+fn config_with_tls(certs: &TestCerts) -> ServerConfig {
+    let mut config = ServerConfig::local(None);
+    config.tls = Some(TlsListen {
+        port: 0,
+        cert: certs.chain.clone(),
+        key: certs.key.clone(),
+    });
+    config
+}
+
+#[test]
+fn a_tls_client_chats_with_a_plain_client_across_listeners() {
+    let certs = TestCerts::new();
+    let server = start_server(config_with_tls(&certs));
+    let tls_addr = server.tls_addr.expect("TLS listener");
+
+    let mut plain = Chat::named(server.addr, "plain");
+    let mut secure = TlsChat::connect(tls_addr, &certs);
+    assert_eq!(
+        plain.line(),
+        format!("* {} joined", secure.name),
+        "a TLS client joins like any other once its handshake is done"
+    );
+    secure.send("/nick secure");
+    let renamed = format!("* {} is now secure", secure.name);
+    secure.wait_for(|line| line == renamed);
+    plain.wait_for(|line| line.ends_with("is now secure"));
+
+    plain.send("hello from plain text");
+    assert_eq!(secure.line(), "<plain> hello from plain text");
+    secure.send("hello from inside TLS");
+    assert_eq!(plain.line(), "<secure> hello from inside TLS");
+    secure.send("/me waves");
+    assert_eq!(plain.line(), "* secure waves");
+
+    // Same protocol and limits inside TLS.
+    secure.send("/who");
+    assert_eq!(secure.line(), "* 2 online: plain, secure");
+    secure.send(&"x".repeat(5000));
+    assert_eq!(secure.line(), "! line too long (max 4096 bytes)");
+    secure.send("/quit");
+    assert_eq!(secure.line(), "* bye");
+    assert_eq!(plain.line(), "* secure left");
+}
+
+#[test]
+fn a_missing_or_bad_certificate_or_key_stops_the_server_with_exit_2_naming_the_file() {
+    let certs = TestCerts::new();
+    let missing = certs.dir.join("missing.pem");
+    let cases = [
+        (missing.clone(), certs.key.clone(), missing.clone()),
+        // A key where the certificate should be, and the other way round.
+        (certs.key.clone(), certs.key.clone(), certs.key.clone()),
+        (
+            certs.chain.clone(),
+            certs.chain.clone(),
+            certs.chain.clone(),
+        ),
+    ];
+    for (cert, key, named) in cases {
+        let child = Command::new(SERVER)
+            .args(["--no-persist", "--port", "0", "--tls-port", "0"])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start server");
+        let output = run_bounded(child);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&named.display().to_string()),
+            "the error names {}: {stderr}",
+            named.display()
+        );
+    }
+}
+
+#[test]
+fn a_stalled_handshake_is_closed_after_ten_seconds_while_others_chat() {
+    let certs = TestCerts::new();
+    let server = start_server(config_with_tls(&certs));
+    let tls_addr = server.tls_addr.unwrap();
+    let opened = Instant::now();
+    // Connects to the TLS port and never says a word.
+    let mut stalled = TcpStream::connect(tls_addr).unwrap();
+    // Another TLS client that started a handshake and sent half a ClientHello.
+    let mut half = TcpStream::connect(tls_addr).unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+
+    let mut alice = Chat::named(server.addr, "alice");
+    let mut bob = TlsChat::connect(tls_addr, &certs);
+    alice.wait_for(|line| line.ends_with(" joined"));
+    for round in 0..20 {
+        alice.send(&format!("round {round}"));
+        assert_eq!(bob.line(), format!("<alice> round {round}"));
+    }
+    assert!(
+        alice.sync().is_empty(),
+        "a connection still in its handshake is never announced"
+    );
+    assert!(closed_within(
+        &mut stalled,
+        DEADLINE + Duration::from_secs(10)
+    ));
+    assert!(
+        opened.elapsed() >= Duration::from_millis(9_500),
+        "closed after {:?}, before the 10 s deadline",
+        opened.elapsed()
+    );
+    assert!(closed_within(&mut half, DEADLINE));
+    alice.send("/stats");
+    let stats = alice.wait_for(|line| line.starts_with("* stats "));
+    assert!(stats.contains(" tls_handshake_failures=2"), "{stats}");
+    alice.send("still here");
+    assert_eq!(bob.line(), "<alice> still here");
+}
+
+#[test]
+fn no_plain_serves_tls_only() {
+    let certs = TestCerts::new();
+    let port = common::free_port();
+    let flags = format!(
+        "--no-persist --no-plain --port {port} --tls-port 0 --tls-cert '{}' --tls-key '{}'",
+        certs.chain.display(),
+        certs.key.display()
+    );
+    let (_server, tls_addr) = spawn_server_waiting_for("", &flags, "listening for TLS on ");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens on --port"
+    );
+    let mut alice = TlsChat::connect(tls_addr, &certs);
+    alice.send("/who");
+    assert_eq!(alice.line(), format!("* 1 online: {}", alice.name));
+}
