@@ -26,6 +26,9 @@ use rustls::ClientConnection;
 
 /// Bytes read from the socket at once; the session decrypts them when the reader wants more.
 const READ_CHUNK: usize = 16 * 1024;
+/// Why a TLS connection ended early: its TCP stream closed without TLS saying it was done
+/// (the server's host or process died, or something in between cut it).
+const CUT: &str = "connection cut without a TLS close_notify";
 
 /// One handle on the connection to the server: each thread has its own (`try_clone`).
 pub struct ServerStream {
@@ -191,6 +194,10 @@ impl TlsHandle {
             let mut session = self.shared.lock_session()?;
             match session.reader().read(buf) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                // rustls' own message is a paragraph with a link; a person needs one line.
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(io::Error::new(err.kind(), CUT));
+                }
                 done => return done,
             }
             if self.unread.is_empty() && !self.eof {
@@ -359,6 +366,7 @@ mod tests {
         assert_eq!(next(&mut lines).unwrap().as_deref(), Some("last words"));
         let err = next(&mut lines).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        assert_eq!(err.to_string(), CUT);
         server.join().unwrap();
     }
 
