@@ -500,6 +500,12 @@ pub fn parse_server_args(
             "--max-output: must be at least twice --max-line ({max_line})"
         )));
     }
+    // Below one client's allowance, a client within its own limit would be cut off for the sum.
+    if max_output_total < max_output {
+        return Err(ArgError(format!(
+            "--max-output-total: must be at least --max-output ({max_output})"
+        )));
+    }
     // A message's document is its text plus a few hundred bytes of fields: a bound below one
     // longest message would refuse such messages for good.
     let longest_document = max_line as u64 + 1024;
@@ -782,6 +788,7 @@ mod tests {
         ));
         assert_eq!((config.max_per_ip, config.max_per_ip_exempt.len()), (0, 0));
         assert_eq!(config.stats_interval, Some(Duration::from_secs(5)));
+        assert!(server(&["--max-output-total", "1024"], None).is_err());
         let bad = server(&["--max-per-ip-exempt", "10.0.0.1,nope"], None).unwrap_err();
         assert!(bad.0.contains("'nope'"), "{bad}");
     }

@@ -109,7 +109,15 @@ pub struct TlsChat {
 impl TlsChat {
     /// Connects, completes the handshake and reads the welcome line.
     pub fn connect(addr: SocketAddr, certs: &TestCerts) -> TlsChat {
-        let socket = TcpStream::connect(addr).expect("connect to TLS port");
+        TlsChat::over(
+            TcpStream::connect(addr).expect("connect to TLS port"),
+            certs,
+        )
+    }
+
+    /// Completes the handshake on a socket already connected to the TLS port, and reads the
+    /// welcome line.
+    pub fn over(socket: TcpStream, certs: &TestCerts) -> TlsChat {
         let name = ServerName::try_from("localhost").unwrap();
         let session = ClientConnection::new(certs.client_config(), name).expect("TLS session");
         let mut chat = TlsChat {
