@@ -6,25 +6,18 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::process::{run_bounded, CLIENT};
+use common::process::{run_bounded, spawn_client};
 use common::{free_port, start_chat_only, start_server, Chat, TestDb, DEADLINE};
 use peerchat::ServerConfig;
 
 /// Starts `peerchat-client --port PORT FLAGS`, standard input closed: `--command` never
 /// reads it.
 fn spawn_command(port: u16, flags: &[&str]) -> Child {
-    Command::new(CLIENT)
-        .args(["--port", &port.to_string()])
-        .args(flags)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client")
+    spawn_client(port, flags, Stdio::null())
 }
 
 fn run_command(port: u16, flags: &[&str]) -> Output {

@@ -6,16 +6,14 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
 
-use common::process::{run_bounded, ServerProcess, CLIENT, SERVER};
+use common::process::{run_bounded, spawn_piped_client, spawn_server_on, ServerProcess, CLIENT};
 use common::pty::Pty;
 use common::tls::TestCerts;
-use common::{free_port, start_server, Chat, DEADLINE};
+use common::{free_port, start_server, Chat};
 use peerchat::config::TlsListen;
 use peerchat::{RunningServer, ServerConfig};
 
@@ -32,18 +30,6 @@ fn server_with_tls(certs: &TestCerts) -> (RunningServer, SocketAddr) {
     (server, tls_addr)
 }
 
-/// `peerchat-client --port PORT FLAGS` with its standard streams piped (plain mode).
-fn spawn_client(port: u16, flags: &[&str]) -> Child {
-    Command::new(CLIENT)
-        .args(["--port", &port.to_string()])
-        .args(flags)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start client")
-}
-
 fn ca_flag(certs: &TestCerts) -> [&str; 2] {
     ["--tls-ca", certs.ca.to_str().expect("UTF-8 temp path")]
 }
@@ -58,7 +44,7 @@ fn plain_mode_over_tls_chats_with_a_plain_client_across_listeners() {
     let (server, tls_addr) = server_with_tls(&certs);
     let mut plain = Chat::named(server.addr, "plain");
     let flags = [&ca_flag(&certs)[..], &["--nick", "secure"]].concat();
-    let mut client = spawn_client(tls_addr.port(), &flags);
+    let mut client = spawn_piped_client(tls_addr.port(), &flags);
     let mut stdin = client.stdin.take().unwrap();
     stdin.write_all(b"hello from inside TLS\n").unwrap();
 
@@ -87,7 +73,7 @@ fn plain_mode_over_tls_ends_cleanly_at_the_end_of_its_input() {
     let certs = TestCerts::new();
     let (server, tls_addr) = server_with_tls(&certs);
     let mut plain = Chat::named(server.addr, "plain");
-    let mut client = spawn_client(tls_addr.port(), &ca_flag(&certs));
+    let mut client = spawn_piped_client(tls_addr.port(), &ca_flag(&certs));
     let mut stdin = client.stdin.take().unwrap();
     stdin.write_all(b"last words\n/who\n").unwrap();
     drop(stdin);
@@ -111,7 +97,7 @@ fn command_over_tls_prints_the_who_line() {
         &["--nick", "probe", "--command", "/who"],
     ]
     .concat();
-    let client = spawn_client(tls_addr.port(), &flags);
+    let client = spawn_piped_client(tls_addr.port(), &flags);
     let out = run_bounded(client);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -225,25 +211,19 @@ fn run_client(flags: &[&str], system_roots: &Path) -> Output {
 
 /// The server binary with both listeners on fixed ports, so it can be started again on them.
 fn server_binary(certs: &TestCerts, port: u16, tls_port: u16) -> ServerProcess {
-    let child = Command::new(SERVER)
-        .args(["--no-persist", "--port", &port.to_string()])
-        .args(["--tls-port", &tls_port.to_string()])
-        .arg("--tls-cert")
-        .arg(&certs.chain)
-        .arg("--tls-key")
-        .arg(&certs.key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let server = ServerProcess::adopt(child);
-    let deadline = Instant::now() + DEADLINE;
-    while TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start");
-        thread::sleep(Duration::from_millis(20));
-    }
-    server
+    let (port, tls_port) = (port.to_string(), tls_port.to_string());
+    let args = [
+        "--no-persist".as_ref(),
+        "--port".as_ref(),
+        port.as_ref(),
+        "--tls-port".as_ref(),
+        tls_port.as_ref(),
+        "--tls-cert".as_ref(),
+        certs.chain.as_os_str(),
+        "--tls-key".as_ref(),
+        certs.key.as_os_str(),
+    ];
+    spawn_server_on(tls_port.parse().unwrap(), &args)
 }
 
 /// The client process, killed if the test fails before it exits.
