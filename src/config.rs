@@ -190,6 +190,19 @@ pub struct ClientConfig {
     pub color: bool,
     /// Terminal mode reconnects when the server goes away (`--no-reconnect`: exit 1 instead).
     pub reconnect: bool,
+    /// Speak TLS, and whose certificates to trust (`--tls`, `--tls-ca FILE`).
+    pub tls: Option<TlsTrust>,
+    /// `--command CMD`: send this one line, print its reply and exit (no terminal mode).
+    pub command: Option<String>,
+}
+
+/// What a TLS client trusts. The file is read when the client starts, not here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsTrust {
+    /// `--tls`: the system's root certificates, as a browser would.
+    SystemRoots,
+    /// `--tls-ca FILE`: only the CA certificates in this PEM file (a self-signed server's).
+    CaFile(PathBuf),
 }
 
 impl ServerConfig {
@@ -307,10 +320,19 @@ peerchat-client: connect to a peerchat server, print what arrives, send what you
 Usage: peerchat-client [OPTIONS]
 
 Options:
-  --host HOST             server address [default: 127.0.0.1]
+  --host HOST             server address [default: 127.0.0.1]; with TLS also the name
+                          the server's certificate must carry (DNS name or IP address)
   --port PORT             server port [default: 55556]
   --nick NAME             set this nick after connecting (and again after a reconnect)
-  --connect-timeout SECS  give up on a connection attempt after this long [default: 10]
+  --connect-timeout SECS  give up on a connection attempt, or a TLS handshake, after
+                          this long [default: 10]
+  --tls                   connect with TLS, trusting the system's root certificates
+  --tls-ca FILE           connect with TLS, trusting only the CA certificate(s) in this
+                          PEM file (for a self-signed server); implies --tls
+  --command CMD           send the one line CMD (e.g. /who, /history 5), print the
+                          server's reply, and exit: 0, or 1 when the client cannot
+                          connect, the reply has an error line (! ...), or no complete
+                          reply comes within 10 s. For scripts and health checks
   --no-time               terminal mode: no local time (HH:MM) before each line
   --no-color              terminal mode: no colours (a non-empty NO_COLOR does the same)
   --no-reconnect          terminal mode: exit 1 when the server goes away instead of
@@ -324,8 +346,9 @@ show as <you> text (or <NICK> text once you have one). Otherwise the client is a
 pipe: every input line is sent, every server line printed as it came (cleaned of control
 characters), and nothing after /quit is sent.
 Type a line and press Enter to send it; /help lists the server's commands.
-Exits 0 at end of input, after /quit or Ctrl-C, 1 when it cannot connect, or when the
-connection is lost in plain mode or with --no-reconnect.
+Exits 0 at end of input, after /quit or Ctrl-C, 1 when it cannot connect (TLS handshake and
+certificate failures included), or when the connection is lost in plain mode or with
+--no-reconnect; 2 for a bad command line or a --tls-ca file that cannot be used.
 ";
 
 /// What the command line asked for.
@@ -477,6 +500,12 @@ pub fn parse_server_args(
             "--max-output: must be at least twice --max-line ({max_line})"
         )));
     }
+    // Below one client's allowance, a client within its own limit would be cut off for the sum.
+    if max_output_total < max_output {
+        return Err(ArgError(format!(
+            "--max-output-total: must be at least --max-output ({max_output})"
+        )));
+    }
     // A message's document is its text plus a few hundred bytes of fields: a bound below one
     // longest message would refuse such messages for good.
     let longest_document = max_line as u64 + 1024;
@@ -596,6 +625,8 @@ pub fn parse_client_args(args: Vec<OsString>) -> Result<Parsed<ClientConfig>, Ar
     let time = !args.contains("--no-time");
     let color = !args.contains("--no-color");
     let reconnect = !args.contains("--no-reconnect");
+    let tls = tls_trust(&mut args)?;
+    let command = one_line_command(&mut args)?;
     reject_leftovers(args)?;
     Ok(Parsed::Run(ClientConfig {
         host,
@@ -605,7 +636,34 @@ pub fn parse_client_args(args: Vec<OsString>) -> Result<Parsed<ClientConfig>, Ar
         time,
         color,
         reconnect,
+        tls,
+        command,
     }))
+}
+
+/// `--tls-ca FILE` implies `--tls`: naming a CA only makes sense for a TLS connection.
+fn tls_trust(args: &mut pico_args::Arguments) -> Result<Option<TlsTrust>, ArgError> {
+    let tls = args.contains("--tls");
+    let ca: Option<PathBuf> = optional(args, "--tls-ca")?;
+    Ok(match ca {
+        Some(path) => Some(TlsTrust::CaFile(path)),
+        None => tls.then_some(TlsTrust::SystemRoots),
+    })
+}
+
+/// `--command CMD`: one line, since the protocol is one line per command and the client waits
+/// for one reply; an empty one would be ignored by the server and answer nothing.
+fn one_line_command(args: &mut pico_args::Arguments) -> Result<Option<String>, ArgError> {
+    let command: Option<String> = optional(args, "--command")?;
+    match &command {
+        Some(line) if line.trim().is_empty() => Err(ArgError(
+            "--command: empty; give a command such as /who".to_string(),
+        )),
+        Some(line) if line.contains(['\n', '\r']) => {
+            Err(ArgError("--command: one line only".to_string()))
+        }
+        _ => Ok(command),
+    }
 }
 
 /// Help wins over everything else, as in pico-args' own example.
@@ -730,6 +788,7 @@ mod tests {
         ));
         assert_eq!((config.max_per_ip, config.max_per_ip_exempt.len()), (0, 0));
         assert_eq!(config.stats_interval, Some(Duration::from_secs(5)));
+        assert!(server(&["--max-output-total", "1024"], None).is_err());
         let bad = server(&["--max-per-ip-exempt", "10.0.0.1,nope"], None).unwrap_err();
         assert!(bad.0.contains("'nope'"), "{bad}");
     }
@@ -904,6 +963,57 @@ mod tests {
         assert!(err.0.contains("--colour"), "{err}");
         let err = server(&["--port"], None).unwrap_err();
         assert!(err.0.contains("--port"), "{err}");
+    }
+
+    fn client(args: &[&str]) -> Result<ClientConfig, ArgError> {
+        let args = args.iter().map(OsString::from).collect();
+        match parse_client_args(args)? {
+            Parsed::Run(config) => Ok(config),
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_tls_is_off_unless_asked_and_a_ca_file_implies_it() {
+        assert_eq!(client(&[]).unwrap().tls, None);
+        assert_eq!(client(&["--tls"]).unwrap().tls, Some(TlsTrust::SystemRoots));
+        let ca = Some(TlsTrust::CaFile("ca.pem".into()));
+        assert_eq!(client(&["--tls-ca", "ca.pem"]).unwrap().tls, ca);
+        assert_eq!(client(&["--tls", "--tls-ca", "ca.pem"]).unwrap().tls, ca);
+        let err = client(&["--tls-ca"]).unwrap_err();
+        assert_eq!(err.0, "--tls-ca: missing value");
+    }
+
+    #[test]
+    fn client_command_is_one_non_empty_line() {
+        assert_eq!(client(&[]).unwrap().command, None);
+        let config = client(&["--command", "/history 5", "--nick", "probe"]).unwrap();
+        assert_eq!(config.command.as_deref(), Some("/history 5"));
+        assert_eq!(config.nick.as_deref(), Some("probe"));
+        for bad in ["", "  ", "/who\n/quit", "/who\r"] {
+            let err = client(&["--command", bad]).unwrap_err();
+            assert!(err.0.starts_with("--command: "), "{bad:?}: {err}");
+        }
+        let err = client(&["--command"]).unwrap_err();
+        assert_eq!(err.0, "--command: missing value");
+    }
+
+    #[test]
+    fn client_help_lists_every_flag() {
+        for flag in [
+            "--host",
+            "--port",
+            "--nick",
+            "--connect-timeout",
+            "--tls",
+            "--tls-ca",
+            "--command",
+            "--no-time",
+            "--no-color",
+            "--no-reconnect",
+        ] {
+            assert!(CLIENT_HELP.contains(flag), "{flag} missing from --help");
+        }
     }
 
     #[test]

@@ -22,6 +22,15 @@ pub enum Error {
     Disconnected(String),
     /// The client could not print what arrived.
     Output(io::Error),
+    /// A flag names something the client cannot use (a `--tls-ca` file that does not hold a
+    /// CA certificate, a `--host` that cannot be a TLS server name): a command-line mistake,
+    /// so exit status 2 like the ones `config` catches.
+    Usage(String),
+    /// The client could not set up TLS or its handshake failed (certificate not trusted, not
+    /// for this host, no TLS on that port); the message names the server.
+    TlsConnect(String),
+    /// `--command` got no complete reply, or an error line in it.
+    Reply(String),
     /// Any other I/O failure (poll, thread spawn, terminal).
     Io(io::Error),
     /// The server thread panicked.
@@ -37,6 +46,8 @@ impl fmt::Display for Error {
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::Disconnected(why) => f.write_str(why),
             Error::Output(source) => write!(f, "cannot write to standard output: {source}"),
+            Error::Usage(why) => write!(f, "error: {why}"),
+            Error::TlsConnect(why) | Error::Reply(why) => f.write_str(why),
             Error::Io(source) => write!(f, "{source}"),
             Error::Panicked => write!(f, "the server thread panicked"),
         }
@@ -51,7 +62,23 @@ impl std::error::Error for Error {
             | Error::Connect { source, .. }
             | Error::Output(source)
             | Error::Io(source) => Some(source),
-            Error::Tls { .. } | Error::Disconnected(_) | Error::Panicked => None,
+            Error::Tls { .. }
+            | Error::Disconnected(_)
+            | Error::Usage(_)
+            | Error::TlsConnect(_)
+            | Error::Reply(_)
+            | Error::Panicked => None,
+        }
+    }
+}
+
+impl Error {
+    /// The exit status for this error: 2 for a command-line mistake or a file a flag names
+    /// that cannot be used, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Tls { .. } => 2,
+            _ => 1,
         }
     }
 }

@@ -19,13 +19,14 @@
 //! - [`telnet`]: telnet commands cut out of the byte stream, across reads (pure).
 //! - [`framing`]: bytes to lines, with a bounded tail (pure).
 //! - [`protocol`]: what a line means and every line the server sends (pure).
-//! - [`server`]: binding and running; inside it the event loop, connections (socket + buffers),
-//!   the room (broadcast), the chat rules, flood control, and the inbox.
+//! - [`server`]: binding and running; inside it the event loop, connections (buffers over a
+//!   plain or TLS transport), the room (broadcast, summed output cap), the chat rules, flood
+//!   control, per-address limits, `/stats`, and the inbox.
 //! - [`fd_limit`]: raises the process's open-file limit and fits `--max-clients` to it; only
 //!   programs call it (the server binary, benches), never the library on its own.
 //! - [`persist`]: the persistence queue and thread, the stored document; inside it the batch
 //!   watchdog and the driver calls (`store`).
-//! - [`client`]: the terminal client.
+//! - [`client`]: the terminal client (plain or TLS; `--command` for scripts).
 //! - [`log`]: timestamped stderr logging.
 
 pub mod client;

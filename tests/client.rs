@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::process::{run_bounded, spawn_piped_client, ServerProcess, CLIENT, SERVER};
+use common::process::{run_bounded, spawn_piped_client, spawn_server_on, ServerProcess, CLIENT};
 use common::pty::{screen_rows, Pty};
 use common::{free_port, start_chat_only, Chat, DEADLINE};
 
@@ -122,20 +122,7 @@ fn serve_until_quit(stream: TcpStream) -> Vec<String> {
 
 /// The server binary on `port` (a fixed one, so it can be started again on it).
 fn server_on(port: u16) -> ServerProcess {
-    let child = Command::new(SERVER)
-        .args(["--port", &port.to_string(), "--no-persist"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let server = ServerProcess::adopt(child);
-    let deadline = Instant::now() + DEADLINE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not start on {port}");
-        thread::sleep(Duration::from_millis(20));
-    }
-    server
+    spawn_server_on(port, &["--port", &port.to_string(), "--no-persist"])
 }
 
 fn addr(port: u16) -> SocketAddr {

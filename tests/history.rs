@@ -386,3 +386,29 @@ fn a_slow_history_answer_holds_up_no_live_chat() {
         "then the answer: {answer:?}"
     );
 }
+
+/// `/quit` or the end of input right after `/history` (as from a pipe: `printf '/history 2\n/quit\n'`)
+/// still gets the answer, before the goodbye and the close.
+#[test]
+fn a_quit_or_end_of_input_right_after_history_waits_for_the_answer() {
+    let db = TestDb::start();
+    let mut config = server_config(&db);
+    config.history_on_join = 0;
+    let server = start_server(config);
+    let _alice = say(server.addr, &db, "alice", &numbered("kept", 0..3));
+
+    let mut quitter = Chat::connect(server.addr);
+    quitter.send_bytes(b"/history 2\n/quit\nnot read\n");
+    let lines = quitter.read_to_end();
+    let bodies: Vec<&str> = lines[..2].iter().map(|l| history_body(l)).collect();
+    assert_eq!(bodies, ["<alice> kept 1", "<alice> kept 2"], "{lines:?}");
+    assert_eq!(lines[2..], ["* end of history (2 messages)", "* bye"]);
+
+    let mut piped = Chat::connect(server.addr);
+    piped.send("/history 1");
+    piped.shutdown_write();
+    let lines = piped.read_to_end();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(history_body(&lines[0]), "<alice> kept 2");
+    assert_eq!(lines[1], "* end of history (1 message)");
+}

@@ -252,3 +252,41 @@ fn stats_interval_logs_the_stats_line() {
     let logged = server.wait_for_log(|line| line.contains("stats uptime_s="));
     assert!(logged.contains(" tls_handshake_failures=0"), "{logged}");
 }
+
+/// Output is written once per turn, so a burst queues far more than the sockets take at once:
+/// clients that read are given what their sockets take before anyone is judged, and none of
+/// them is cut off at the summed cap.
+#[test]
+fn clients_that_read_are_not_cut_off_at_the_summed_cap() {
+    const READERS: usize = 8;
+    const LINES: usize = 150;
+    let server = start_server(config_with(|c| {
+        c.limits.flood = None;
+        c.limits.max_output = 256 << 10;
+        c.max_output_total = 256 << 10;
+    }));
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| {
+            let mut reader = Chat::connect(server.addr);
+            reader.sync();
+            std::thread::spawn(move || {
+                let mut got = 0;
+                while reader.line() != "<sender> end" {
+                    got += 1;
+                }
+                got
+            })
+        })
+        .collect();
+    let mut sender = Chat::named(server.addr, "sender");
+    let line = "b".repeat(3999);
+    let burst: String = (0..LINES).map(|_| format!("{line}\n")).collect();
+    sender.send_bytes(burst.as_bytes()); // 600 KB to each reader in one go
+    sender.send("end");
+    for reader in readers {
+        let got = reader.join().expect("a reader was cut off");
+        // Each also saw the sender's join and rename.
+        assert!(got >= LINES, "{got} lines");
+    }
+    assert_eq!(figure(&stats(&mut sender), "slow_consumers"), 0);
+}

@@ -1,9 +1,10 @@
-//! Reaching the server and reading from it, for both modes: a connect bounded by
-//! `--connect-timeout`, lines read with a bound (the server is not trusted to end its lines),
-//! and the backoff between reconnect attempts.
+//! Reaching the server and reading from it, for every mode: a connect (and TLS handshake)
+//! bounded by `--connect-timeout`, lines read with a bound (the server is not trusted to end
+//! its lines), and the backoff between reconnect attempts.
 //!
-//! Its own file because these are the only parts of the client that know about sockets; the
-//! reader and the backoff are written over `Read` and a seed so they are tested without any.
+//! Its own file because these are the only parts of the client that know where the server is;
+//! the reader and the backoff are written over `Read` and a seed so they are tested without
+//! sockets. TLS itself is `tls` (trust, handshake) and `stream` (the shared session).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -11,6 +12,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::stream::ServerStream;
+use super::tls::Tls;
+use crate::config::ClientConfig;
 use crate::error::Error;
 
 /// TCP keepalive idle time on the client's socket: after its input ends the client waits for the
@@ -19,9 +23,47 @@ use crate::error::Error;
 /// notices a server host that vanished while nobody was talking.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
+/// Where the server is and how to speak to it: what every connect (the first, each reconnect)
+/// needs, made once at start so a bad `--tls-ca` file is reported before anything else.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    /// Bound on one connect (per address) and on the TLS handshake after it.
+    timeout: Duration,
+    tls: Option<Tls>,
+}
+
+impl Endpoint {
+    pub fn new(config: &ClientConfig) -> Result<Self, Error> {
+        let tls = match &config.tls {
+            Some(trust) => Some(Tls::new(trust, &config.host)?),
+            None => None,
+        };
+        Ok(Endpoint {
+            host: config.host.clone(),
+            port: config.port,
+            timeout: config.connect_timeout,
+            tls,
+        })
+    }
+
+    /// Connects and, with TLS, completes the handshake, each within the timeout: a server
+    /// that accepts and then never answers the handshake fails as fast as a dead route.
+    pub fn connect(&self) -> Result<ServerStream, Error> {
+        let mut tcp = connect(&self.host, self.port, self.timeout)?;
+        let Some(tls) = &self.tls else {
+            return Ok(ServerStream::plain(tcp));
+        };
+        let addr = format!("{}:{}", self.host, self.port);
+        let session = tls.handshake(&mut tcp, self.timeout, &addr)?;
+        Ok(ServerStream::tls(tcp, session))
+    }
+}
+
 /// Connects to `host:port`, trying each address the name resolves to for at most `timeout`,
 /// so a dead route fails in seconds instead of after the system's minutes of SYN retries.
-pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Error> {
+fn connect(host: &str, port: u16, timeout: Duration) -> Result<TcpStream, Error> {
     let addrs = (host, port)
         .to_socket_addrs()
         .map_err(|source| Error::Resolve {
@@ -54,7 +96,7 @@ fn set_keepalive(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Sends one line with the `\n` the server expects, in one write so it is never interleaved.
-pub fn send_line(stream: &mut TcpStream, line: &[u8]) -> io::Result<()> {
+pub fn send_line(stream: &mut impl Write, line: &[u8]) -> io::Result<()> {
     let mut framed = Vec::with_capacity(line.len() + 1);
     framed.extend_from_slice(line);
     framed.push(b'\n');

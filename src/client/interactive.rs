@@ -10,7 +10,7 @@
 //! late line or loss report can never be taken for the current connection's.
 
 use std::io::{self, Read};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread;
 use std::time::Instant;
@@ -18,13 +18,14 @@ use std::time::Instant;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
 use signal_hook::iterator::Signals;
 
-use super::connection::{self, Backoff, LineReader};
+use super::connection::{self, Backoff, Endpoint, LineReader};
 use super::display::{self, Painter, MAX_SHOWN};
 use super::editor::{Action, Editor};
 use super::identity::{Change, Identity};
 use super::keys::{Key, KeyParser};
 use super::plain;
 use super::screen::Screen;
+use super::stream::ServerStream;
 use super::terminal::{self, RawMode};
 use crate::config::ClientConfig;
 use crate::error::Error;
@@ -59,7 +60,7 @@ enum Event {
     },
     Connected {
         link: u64,
-        stream: TcpStream,
+        stream: ServerStream,
     },
     ConnectFailed {
         link: u64,
@@ -75,7 +76,7 @@ enum Event {
 enum Link {
     Up {
         id: u64,
-        stream: TcpStream,
+        stream: ServerStream,
     },
     Connecting {
         id: u64,
@@ -103,12 +104,12 @@ enum Flow {
 /// (up to `--connect-timeout`) end the session normally, with the terminal restored, instead of
 /// killing the client in raw mode or being ignored until the connect returns. Keys typed
 /// meanwhile are edited on the input line, not echoed by the terminal.
-pub fn run(config: &ClientConfig, painter: Painter) -> Result<(), Error> {
+pub fn run(config: &ClientConfig, endpoint: Endpoint, painter: Painter) -> Result<(), Error> {
     let (events, inbox) = mpsc::sync_channel(EVENT_QUEUE);
     spawn_signal_listener(events.clone())?;
     let raw_mode = RawMode::enter()?;
     spawn_key_reader(events.clone())?;
-    let mut session = Session::new(config, painter, terminal::width(), events);
+    let mut session = Session::new(config, endpoint, painter, terminal::width(), events);
     let result = session
         .start_connecting()
         .and_then(|()| session.run(&inbox));
@@ -118,6 +119,8 @@ pub fn run(config: &ClientConfig, painter: Painter) -> Result<(), Error> {
 
 struct Session<'a> {
     config: &'a ClientConfig,
+    /// Where to (re)connect, and with TLS or not.
+    endpoint: Endpoint,
     painter: Painter,
     screen: Screen,
     editor: Editor,
@@ -138,12 +141,14 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     fn new(
         config: &'a ClientConfig,
+        endpoint: Endpoint,
         painter: Painter,
         width: usize,
         events: SyncSender<Event>,
     ) -> Self {
         Session {
             config,
+            endpoint,
             painter,
             screen: Screen::new(width),
             editor: Editor::default(),
@@ -229,7 +234,7 @@ impl<'a> Session<'a> {
             Event::Connected { link, stream } if self.is_current(link) => {
                 self.attach(link, stream)?;
                 if self.connected_once {
-                    let (host, port) = (&self.config.host, self.config.port);
+                    let (host, port) = (&self.endpoint.host, self.endpoint.port);
                     self.notice(&format!("reconnected to {host}:{port}"));
                 }
                 self.connected_once = true;
@@ -365,16 +370,12 @@ impl<'a> Session<'a> {
         let id = self.next_id;
         self.next_id += 1;
         self.link = Link::Connecting { id };
-        let (host, port, timeout) = (
-            self.config.host.clone(),
-            self.config.port,
-            self.config.connect_timeout,
-        );
+        let endpoint = self.endpoint.clone();
         let events = self.events.clone();
         thread::Builder::new()
             .name("connector".to_string())
             .spawn(move || {
-                let event = match connection::connect(&host, port, timeout) {
+                let event = match endpoint.connect() {
                     Ok(stream) => Event::Connected { link: id, stream },
                     Err(error) => Event::ConnectFailed { link: id, error },
                 };
@@ -384,7 +385,7 @@ impl<'a> Session<'a> {
     }
 
     /// Starts reading connection `id` and asks for our nick on it.
-    fn attach(&mut self, id: u64, mut stream: TcpStream) -> Result<(), Error> {
+    fn attach(&mut self, id: u64, mut stream: ServerStream) -> Result<(), Error> {
         spawn_server_reader(id, stream.try_clone()?, self.events.clone())?;
         if let Some(nick) = self.me.wanted() {
             // A failure shows up as the reader's loss report.
@@ -421,7 +422,11 @@ fn connect_failure(err: Error) -> String {
 }
 
 /// Reads connection `link` until it ends, sending each line cleaned and bounded.
-fn spawn_server_reader(link: u64, stream: TcpStream, events: SyncSender<Event>) -> io::Result<()> {
+fn spawn_server_reader(
+    link: u64,
+    stream: ServerStream,
+    events: SyncSender<Event>,
+) -> io::Result<()> {
     thread::Builder::new()
         .name("server-reader".to_string())
         .spawn(move || {
@@ -491,7 +496,7 @@ fn spawn_signal_listener(events: SyncSender<Event>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::ffi::OsString;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     use super::*;
     use crate::config::{parse_client_args, Parsed};
@@ -510,12 +515,15 @@ mod tests {
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (peer, _) = listener.accept().unwrap();
         stream.shutdown(Shutdown::Write).unwrap();
+        let stream = ServerStream::plain(stream);
         (Link::Up { id: 0, stream }, peer)
     }
 
     fn connected_session(config: &ClientConfig, link: Link) -> Session<'_> {
         let (events, _inbox) = mpsc::sync_channel(EVENT_QUEUE);
-        let mut session = Session::new(config, Painter::new(false, None), 80, events);
+        let endpoint = Endpoint::new(config).unwrap();
+        let painter = Painter::new(false, None);
+        let mut session = Session::new(config, endpoint, painter, 80, events);
         session.link = link;
         session.connected_once = true;
         session

@@ -8,12 +8,13 @@
 //! channel, so the main thread reacts to whichever ends first.
 
 use std::io::{self, BufRead, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread;
 
-use super::connection::{self, LineReader};
+use super::connection::{self, Endpoint, LineReader};
 use super::display::{self, MAX_SHOWN};
+use super::stream::ServerStream;
 use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::protocol::{self, Command};
@@ -35,8 +36,8 @@ enum Event {
 }
 
 /// Connects and runs until input ends, the user quits, or the server goes away.
-pub fn run(config: &ClientConfig) -> Result<(), Error> {
-    let stream = connection::connect(&config.host, config.port, config.connect_timeout)?;
+pub fn run(config: &ClientConfig, endpoint: &Endpoint) -> Result<(), Error> {
+    let stream = endpoint.connect()?;
     let (events, inbox) = mpsc::sync_channel(READ_AHEAD);
     spawn_server_reader(stream.try_clone()?, events.clone())?;
     spawn_input_reader(events)?;
@@ -47,7 +48,7 @@ pub fn run(config: &ClientConfig) -> Result<(), Error> {
     converse(&mut writer, &inbox)
 }
 
-fn converse(writer: &mut TcpStream, inbox: &Receiver<Event>) -> Result<(), Error> {
+fn converse(writer: &mut ServerStream, inbox: &Receiver<Event>) -> Result<(), Error> {
     let mut quitting = false;
     loop {
         let event = inbox.recv().map_err(|_| lost(None))?;
@@ -96,7 +97,7 @@ pub fn lost(err: Option<io::Error>) -> Error {
 }
 
 /// Prints each server line as it arrives.
-fn spawn_server_reader(stream: TcpStream, events: SyncSender<Event>) -> io::Result<()> {
+fn spawn_server_reader(stream: ServerStream, events: SyncSender<Event>) -> io::Result<()> {
     thread::Builder::new()
         .name("server-reader".to_string())
         .spawn(move || {
@@ -118,7 +119,7 @@ fn spawn_server_reader(stream: TcpStream, events: SyncSender<Event>) -> io::Resu
 }
 
 /// Prints one line, flushed so it shows at once.
-fn print_line(text: &str) -> io::Result<()> {
+pub fn print_line(text: &str) -> io::Result<()> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.write_all(b"\n")?;

@@ -250,8 +250,9 @@ impl BatchTimes {
 pub struct PersistFigures {
     /// Messages stored.
     pub saved: u64,
-    /// Messages whose senders were told `! not saved` (refused by the queue, or failed).
-    pub not_saved: u64,
+    /// Messages the queue refused (full, or storage stopped); the loop counts the failures it
+    /// is told of itself, as their senders are told.
+    pub refused: u64,
     /// Messages accepted and not yet stored or reported.
     pub queued: u64,
     /// 99th percentile of the last 1000 inserts' durations, in milliseconds.
@@ -459,7 +460,7 @@ impl Persister {
         };
         PersistFigures {
             saved,
-            not_saved: self.refused.get() + (settled - saved),
+            refused: self.refused.get(),
             queued: self.accepted.get().saturating_sub(settled),
             batch_ms_p99,
         }

@@ -27,10 +27,12 @@ pub struct Services<'a> {
 /// Lets a new client into the chat (a TLS client once its handshake is done): greets it,
 /// tells the others (see `presence` for when) and asks for its history.
 pub fn joined(room: &mut Room, services: Services<'_>, slot: usize, now: Instant) {
+    let join_order = room.take_join_order();
     let Some(conn) = room.get_mut(slot) else {
         return;
     };
     conn.joined = true;
+    conn.join_order = join_order;
     let name = conn.name.clone();
     room.notice(slot, &protocol::welcome(&name));
     services.presence.joined(room, slot, now);
@@ -88,10 +90,7 @@ pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], 
                 room.notice(slot, line);
             }
         }
-        Command::Quit => {
-            room.notice(slot, protocol::BYE);
-            room.close(slot, CloseReason::Quit);
-        }
+        Command::Quit => room.leave(slot, CloseReason::Quit, Some(protocol::BYE)),
         Command::Empty => {}
         Command::Usage(usage) => room.error(slot, usage),
         Command::Unknown => room.error(slot, protocol::UNKNOWN_COMMAND),
@@ -113,17 +112,19 @@ pub fn too_long(room: &mut Room, slot: usize) {
     }
 }
 
-/// The client has more lines than its flood allowance: they wait. Says so once per burst.
-pub fn flood_delayed(room: &mut Room, slot: usize) {
+/// The client has more lines than its flood allowance: they wait. Says so once per burst;
+/// true if it did (a new burst was delayed).
+pub fn flood_delayed(room: &mut Room, slot: usize) -> bool {
     let Some(limit) = room.limits().flood else {
-        return;
+        return false;
     };
-    if room
+    let first = room
         .get_mut(slot)
-        .is_some_and(|conn| conn.first_delay_in_burst())
-    {
+        .is_some_and(|conn| conn.first_delay_in_burst());
+    if first {
         room.error(slot, &protocol::slow_down(limit));
     }
+    first
 }
 
 /// Reports messages that could not be stored to their senders, if still connected.

@@ -295,6 +295,9 @@ pub struct Connection {
     /// In the chat: welcomed, receiving lines, listed. A TLS client joins once its handshake
     /// is done, so a stalled handshake is never announced and gets no chat.
     pub joined: bool,
+    /// Its place in the order of joining (`Room::take_join_order`): presence notices go to
+    /// those who joined before the event.
+    pub join_order: u64,
     /// Others have been told it joined (a join may be gathered for a while, see `presence`).
     pub announced: bool,
     /// Closed, but still writing its last output (bounded by a deadline) before the FIN.
@@ -317,6 +320,10 @@ pub struct Connection {
     /// `/history` requests not answered yet: their answers join the output when they come,
     /// and nothing waits for them.
     answers_due: Vec<u64>,
+    /// Leaving (`/quit`, end of input) while history answers were due: it is closed for this
+    /// reason once the last one is in its output or given up on, so a piped
+    /// `/history 5` then `/quit` gets its answer before the goodbye.
+    leave_after_history: Option<CloseReason>,
     /// Sent or received something since the last idle sweep: keep its buffers for reuse.
     active_since_sweep: bool,
 }
@@ -353,6 +360,7 @@ impl Connection {
             throttled: false,
             read_queued: false,
             joined: false,
+            join_order: 0,
             announced: false,
             draining: false,
             overlong_lines: 0,
@@ -363,6 +371,7 @@ impl Connection {
             history_waits: VecDeque::new(),
             held_output: 0,
             answers_due: Vec::new(),
+            leave_after_history: None,
             active_since_sweep: false,
         })
     }
@@ -393,6 +402,34 @@ impl Connection {
 
     pub fn closing(&self) -> Option<CloseReason> {
         self.closing
+    }
+
+    /// Closing, or leaving once its history answers are in: nothing more is read from it.
+    pub fn done_reading(&self) -> bool {
+        self.closing.is_some() || self.leave_after_history.is_some()
+    }
+
+    /// Prepares to close for `reason` after the history answers still due; false if none are
+    /// (close now). Pending `/history` answers then hold later output as a join's does, so
+    /// what is queued from now on (the goodbye) comes after them.
+    pub fn leave_after_history(&mut self, reason: CloseReason) -> bool {
+        if self.history_waits.is_empty() && self.answers_due.is_empty() {
+            return false;
+        }
+        for ticket in self.answers_due.drain(..) {
+            self.history_waits.push_back(HistoryWait {
+                ticket,
+                held: Vec::new(),
+            });
+        }
+        self.leave_after_history = Some(reason);
+        true
+    }
+
+    /// The reason to close now, if it is leaving and no history answer is due any more.
+    pub fn ready_to_leave(&self) -> Option<CloseReason> {
+        let answered = self.history_waits.is_empty() && self.answers_due.is_empty();
+        self.leave_after_history.filter(|_| answered)
     }
 
     /// Marks the connection for closing; the first reason wins. Returns true if it was open.

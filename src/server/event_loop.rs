@@ -138,7 +138,9 @@ pub struct EventLoop {
     last_sweep: Instant,
     closed_since_sweep: usize,
     /// The last accept failed (e.g. EMFILE); retry every turn and at least every ACCEPT_RETRY.
-    accept_failing: bool,
+    /// Per listener (plain, TLS): so one that fails and one that is idle do not take turns
+    /// logging "failed" and "accepting again".
+    accept_failing: [bool; 2],
     /// The accept budget ran out with connections possibly waiting: accept again next turn.
     accept_again: bool,
     /// At `max_clients`: new clients are being refused (logged once per episode).
@@ -194,7 +196,7 @@ impl EventLoop {
             flush_list: Vec::new(),
             last_sweep: Instant::now(),
             closed_since_sweep: 0,
-            accept_failing: false,
+            accept_failing: [false; 2],
             accept_again: false,
             refusing: false,
             now,
@@ -230,7 +232,7 @@ impl EventLoop {
             }
         }
         self.drain_inbox();
-        if self.accept_failing || std::mem::take(&mut self.accept_again) {
+        if self.accept_failing.contains(&true) || std::mem::take(&mut self.accept_again) {
             // Connections closed since may have freed descriptors, or the budget ran out.
             // Before `end_turn`, so the welcome lines of clients accepted here are written
             // this turn.
@@ -249,7 +251,7 @@ impl EventLoop {
         }
         let now = Instant::now();
         let mut wake = self.last_sweep + SWEEP_INTERVAL;
-        if self.accept_failing {
+        if self.accept_failing.contains(&true) {
             wake = wake.min(now + ACCEPT_RETRY);
         }
         let next_dues = [
@@ -351,7 +353,7 @@ impl EventLoop {
             match listener.accept() {
                 Ok((socket, addr)) => self.admit(socket, addr, tls),
                 Err(err) if err.kind() == ErrorKind::WouldBlock => {
-                    if std::mem::take(&mut self.accept_failing) {
+                    if std::mem::take(&mut self.accept_failing[usize::from(tls)]) {
                         info!("accepting connections again");
                     }
                     return false;
@@ -360,9 +362,9 @@ impl EventLoop {
                 Err(err) => {
                     // E.g. out of file descriptors. Waiting clients stay in the backlog; retry
                     // soon, logging once rather than on every retry.
-                    if !self.accept_failing {
+                    if !self.accept_failing[usize::from(tls)] {
                         error!("accept failed: {err}; retrying every {ACCEPT_RETRY:?}");
-                        self.accept_failing = true;
+                        self.accept_failing[usize::from(tls)] = true;
                     }
                     return false;
                 }
@@ -444,7 +446,10 @@ impl EventLoop {
     fn drain_inbox(&mut self) {
         while let Some(input) = self.inbox.next() {
             match input {
-                LoopInput::NotSaved(failures) => chat::not_saved(&mut self.room, failures),
+                LoopInput::NotSaved(failures) => {
+                    self.stats.failed_saves += failures.len() as u64;
+                    chat::not_saved(&mut self.room, failures);
+                }
                 LoopInput::History(reply) => self.history.answer(&mut self.room, reply),
                 LoopInput::Shutdown => self.running = false,
             }
@@ -468,7 +473,7 @@ impl EventLoop {
         let Some(conn) = self.room.get_mut(slot) else {
             return;
         };
-        if conn.read_queued || conn.throttled || conn.closing().is_some() {
+        if conn.read_queued || conn.throttled || conn.done_reading() {
             return;
         }
         conn.read_queued = true;
@@ -500,7 +505,7 @@ impl EventLoop {
         let Some(conn) = self.room.get_mut(slot) else {
             return;
         };
-        if conn.closing().is_some() {
+        if conn.done_reading() {
             return;
         }
         let client = ClientRef {
@@ -519,11 +524,7 @@ impl EventLoop {
             self.join(slot);
         }
         for item in self.batch.items() {
-            if self
-                .room
-                .get(slot)
-                .is_none_or(|conn| conn.closing().is_some())
-            {
+            if self.room.get(slot).is_none_or(|conn| conn.done_reading()) {
                 break;
             }
             match item {
@@ -555,6 +556,10 @@ impl EventLoop {
                 }
             }
             ReadOutcome::Throttled => self.throttle(client),
+            // End of input: answers to history asked for before it still go out.
+            ReadOutcome::Closed(CloseReason::PeerClosed) => {
+                self.room.leave(slot, CloseReason::PeerClosed, None);
+            }
             ReadOutcome::Closed(reason) => self.room.close(slot, reason),
         }
     }
@@ -568,7 +573,7 @@ impl EventLoop {
         let Some(conn) = self.room.find_mut(client) else {
             return;
         };
-        if conn.closing().is_some() {
+        if conn.done_reading() {
             return;
         }
         let resume_at = conn.flood_resume_at(limit).unwrap_or(self.now);
@@ -577,9 +582,8 @@ impl EventLoop {
         let waiting = conn.has_held_input() && conn.line_allowance(Some(limit), self.now) == 0;
         conn.throttled = true;
         self.timers.add(resume_at, Due::Resume(client));
-        if waiting {
+        if waiting && chat::flood_delayed(&mut self.room, client.slot) {
             self.stats.flood_delayed += 1;
-            chat::flood_delayed(&mut self.room, client.slot);
         }
     }
 

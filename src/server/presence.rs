@@ -6,10 +6,10 @@
 //! gathered and announced together when the interval ends, one line per kind:
 //! `* alice, bob and carol joined`, `* alice, bob, carol, dave, erin and 37 others joined`.
 //!
-//! Each recipient hears only of what happened while it was connected, and never of its own
-//! connection. Connection ids only grow, so "connected before this happened" is "id below a
-//! mark" and each recipient's part of a gathered list is a suffix of it: the few distinct lines
-//! are built once each.
+//! Each recipient hears only of what happened while it was in the chat, and never of its own
+//! join. Clients are numbered in the order they join (a TLS client after its handshake), so
+//! "in the chat before this happened" is "number below a mark" and each recipient's part of a
+//! gathered list is a suffix of it: the few distinct lines are built once each.
 //!
 //! Order stays causal without giving up the gathering: a client whose join is still waiting
 //! that speaks, renames itself or leaves has its own join announced first (the other waiting
@@ -64,8 +64,8 @@ struct Gathering {
 #[derive(Debug)]
 struct Event {
     name: String,
-    /// Clients with an id below this were connected when it happened and hear of it. Never
-    /// decreasing along `waiting`, so each recipient's share is a suffix of the list.
+    /// Clients whose join order is below this were in the chat when it happened and hear of
+    /// it. Never decreasing along `waiting`, so each recipient's share is a suffix of the list.
     heard_below: u64,
     /// For a join: who joined, to mark as announced once the line goes out.
     joiner: Option<ClientRef>,
@@ -83,7 +83,7 @@ impl Presence {
     /// Announces the client in `slot` to the others, now or with the next gathered line.
     pub fn joined(&mut self, room: &mut Room, slot: usize, now: Instant) {
         let Some(conn) = room.get(slot) else { return };
-        let (name, id) = (conn.name.clone(), conn.id());
+        let (name, id, join_order) = (conn.name.clone(), conn.id(), conn.join_order);
         if self.joins.may_announce_at_once(now, self.interval) {
             if room.notice_all(Some(slot), &protocol::joined(&name)) > 0 {
                 self.joins.last_sent = Some(now);
@@ -95,7 +95,7 @@ impl Presence {
         }
         self.joins.waiting.push(Event {
             name,
-            heard_below: id,
+            heard_below: join_order,
             joiner: Some(ClientRef { slot, id }),
         });
     }
@@ -112,7 +112,7 @@ impl Presence {
         }
         self.leaves.waiting.push(Event {
             name: name.to_string(),
-            heard_below: room.next_id(),
+            heard_below: room.next_join_order(),
             joiner: None,
         });
     }
@@ -207,8 +207,8 @@ impl Gathering {
         // Most recipients were there before all of it and share the whole list's line.
         let whole = gathered_line(events, self.kind);
         let mut reached = 0;
-        for client in room.open_clients() {
-            let first = events.partition_point(|event| event.heard_below <= client.id);
+        for (client, join_order) in room.open_clients() {
+            let first = events.partition_point(|event| event.heard_below <= join_order);
             let share = &events[first..];
             if share.is_empty() {
                 continue;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use mio::{Registry, Token};
 
-use super::connection::{CloseReason, Connection, OutputTotal};
+use super::connection::{CloseReason, Connection, FlushOutcome, OutputTotal};
 use super::per_address::PerAddress;
 use super::transport::{Transport, WireBytes};
 use crate::config::ClientLimits;
@@ -26,6 +26,8 @@ pub const FIRST_CLIENT_TOKEN: usize = 3;
 #[derive(Debug)]
 pub struct Room {
     slots: Vec<Option<Connection>>,
+    /// Clients that have joined the chat so far (see `take_join_order`).
+    joins_so_far: u64,
     /// Empty slots, reused so the table stays as small as the peak number of clients.
     free: Vec<usize>,
     next_id: u64,
@@ -69,6 +71,7 @@ impl Room {
     pub fn new(limits: ClientLimits, max_output_total: usize, per_address: PerAddress) -> Self {
         Room {
             slots: Vec::new(),
+            joins_so_far: 0,
             free: Vec::new(),
             next_id: 1,
             to_flush: Vec::new(),
@@ -171,17 +174,28 @@ impl Room {
         self.slots.len() - self.free.len()
     }
 
-    /// The id the next client will get: every client connected now has a lower one.
-    pub fn next_id(&self) -> u64 {
-        self.next_id
+    /// Places a client in the order of joining the chat: every client in the chat now joined
+    /// before it. A TLS client joins after its handshake, so this is not the order of
+    /// connecting (connection ids).
+    pub fn take_join_order(&mut self) -> u64 {
+        self.joins_so_far += 1;
+        self.joins_so_far
     }
 
-    /// Slot and id of every open connection, for lines that differ per recipient.
-    pub fn open_clients(&self) -> Vec<ClientRef> {
+    /// The place the next client to join will get: every client in the chat has a lower one.
+    pub fn next_join_order(&self) -> u64 {
+        self.joins_so_far + 1
+    }
+
+    /// Slot, id and join order of every open connection, for lines that differ per recipient.
+    pub fn open_clients(&self) -> Vec<(ClientRef, u64)> {
         self.open_connections()
-            .map(|(slot, conn)| ClientRef {
-                slot,
-                id: conn.id(),
+            .map(|(slot, conn)| {
+                let client = ClientRef {
+                    slot,
+                    id: conn.id(),
+                };
+                (client, conn.join_order)
             })
             .collect()
     }
@@ -268,6 +282,21 @@ impl Room {
         self.line.clear();
         protocol::write_error(&mut self.line, text);
         self.deliver(slot);
+    }
+
+    /// `/quit` or end of input: `goodbye` (if any) goes out after every history answer the
+    /// client still waits for, and the connection closes after that (see
+    /// `Connection::leave_after_history`); at once if none is due.
+    pub fn leave(&mut self, slot: usize, reason: CloseReason, goodbye: Option<&str>) {
+        let waits = self
+            .get_mut(slot)
+            .is_some_and(|conn| conn.leave_after_history(reason));
+        if let Some(text) = goodbye {
+            self.notice(slot, text);
+        }
+        if !waits {
+            self.close(slot, reason);
+        }
     }
 
     /// Marks `slot` for closing after this turn.
@@ -383,7 +412,12 @@ impl Room {
         match conn.history_arrived(ticket, lines, max_output) {
             None => return false,
             Some(false) => self.to_reap.push(client.slot),
-            Some(true) => self.schedule_flush(client.slot),
+            Some(true) => {
+                if let Some(reason) = conn.ready_to_leave() {
+                    self.close(client.slot, reason);
+                }
+                self.schedule_flush(client.slot);
+            }
         }
         true
     }
@@ -399,18 +433,27 @@ impl Room {
     }
 
     /// Keeps the output of all clients within `--max-output-total` before `extra` bytes go to
-    /// `slot`: while they would not fit, the client with the most pending output is cut off as
-    /// a slow consumer and its output dropped. False if that was `slot` itself.
+    /// `slot`: while they would not fit, the client with the most pending output is given what
+    /// its socket takes now (output is written once per turn, so most of what is pending may
+    /// only have been queued this turn), and only if it takes nothing is it cut off as a slow
+    /// consumer, its output dropped. False if that was `slot` itself.
     fn make_room(&mut self, slot: usize, extra: usize) -> bool {
         while self.output_total.get() + extra > self.max_output_total {
             let Some(largest) = self.largest_backlog() else {
                 return true; // nothing pending anywhere: one line over the bound goes out
             };
-            if let Some(conn) = self.get_mut(largest) {
-                conn.discard_output();
-                if conn.close(CloseReason::LargestBacklog) {
-                    self.to_reap.push(largest);
-                }
+            let Some(conn) = self.get_mut(largest) else {
+                return true;
+            };
+            let before = conn.pending_output();
+            let reason = match conn.flush() {
+                FlushOutcome::Failed(reason) => reason,
+                _ if conn.pending_output() < before => continue,
+                _ => CloseReason::LargestBacklog,
+            };
+            conn.discard_output();
+            if conn.close(reason) {
+                self.to_reap.push(largest);
             }
             if largest == slot {
                 return false;

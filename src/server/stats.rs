@@ -24,10 +24,13 @@ pub struct Stats {
     pub rejected_per_ip: u64,
     /// Disconnected for not reading: their own output limit or the total one.
     pub slow_consumers: u64,
-    /// Times a client's lines were held back by flood control.
+    /// Bursts of a client's lines held back by flood control (each told `! slow down` once).
     pub flood_delayed: u64,
     /// TLS connections closed before their handshake finished: failed, timed out or given up.
     pub tls_handshake_failures: u64,
+    /// Messages the persistence thread reported not saved (the queue's refusals are counted
+    /// where they happen): counted as their senders are told.
+    pub failed_saves: u64,
 }
 
 impl Stats {
@@ -41,6 +44,7 @@ impl Stats {
             slow_consumers: 0,
             flood_delayed: 0,
             tls_handshake_failures: 0,
+            failed_saves: 0,
         }
     }
 
@@ -62,7 +66,7 @@ impl Stats {
             ("slow_consumers", &self.slow_consumers),
             ("flood_delayed", &self.flood_delayed),
             ("saved", &saving.saved),
-            ("not_saved", &saving.not_saved),
+            ("not_saved", &(saving.refused + self.failed_saves)),
             ("save_queue", &saving.queued),
             (
                 "save_batch_ms_p99",

@@ -16,14 +16,38 @@ pub const CLIENT: &str = env!("CARGO_BIN_EXE_peerchat-client");
 /// Starts the client binary in plain mode against `port` on loopback, its standard streams
 /// piped.
 pub fn spawn_piped_client(port: u16, flags: &[&str]) -> Child {
+    spawn_client(port, flags, Stdio::piped())
+}
+
+/// Starts the client binary against `port` on loopback with `stdin`, its output piped.
+pub fn spawn_client(port: u16, flags: &[&str], stdin: Stdio) -> Child {
     Command::new(CLIENT)
         .args(["--port", &port.to_string()])
         .args(flags)
-        .stdin(Stdio::piped())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start client")
+}
+
+/// Starts the server binary with `args` (fixed ports, so a test can start it again on them)
+/// and waits until `port` accepts connections.
+pub fn spawn_server_on<S: AsRef<std::ffi::OsStr>>(port: u16, args: &[S]) -> ServerProcess {
+    let child = Command::new(SERVER)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start server");
+    let server = ServerProcess::adopt(child);
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not start on {port}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    server
 }
 
 /// Runs a command to completion within `DEADLINE`, killing it otherwise.

@@ -43,9 +43,12 @@ impl TestCerts {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "peerchat test CA");
+        // A name of its own: a test CA must not pass for another one's issuer (a client that
+        // trusts the other would report a bad signature instead of an unknown issuer).
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("peerchat test CA {}", dir.display()),
+        );
         let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
         let issuer = Issuer::new(ca_params, ca_key);
 
@@ -106,7 +109,15 @@ pub struct TlsChat {
 impl TlsChat {
     /// Connects, completes the handshake and reads the welcome line.
     pub fn connect(addr: SocketAddr, certs: &TestCerts) -> TlsChat {
-        let socket = TcpStream::connect(addr).expect("connect to TLS port");
+        TlsChat::over(
+            TcpStream::connect(addr).expect("connect to TLS port"),
+            certs,
+        )
+    }
+
+    /// Completes the handshake on a socket already connected to the TLS port, and reads the
+    /// welcome line.
+    pub fn over(socket: TcpStream, certs: &TestCerts) -> TlsChat {
         let name = ServerName::try_from("localhost").unwrap();
         let session = ClientConnection::new(certs.client_config(), name).expect("TLS session");
         let mut chat = TlsChat {
