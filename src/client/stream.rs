@@ -12,10 +12,11 @@
 //! - The writer locks the session to encrypt a line, takes the records out, unlocks, and only
 //!   then writes them to the socket. A writer blocked on a full socket (a long file under the
 //!   server's flood control) therefore never stops the reader taking the server's lines.
-//! - A second mutex, `sending`, is held from taking records out to writing them, so records
-//!   reach the socket in the order they were made (TLS numbers them). Records the reader
-//!   makes (alerts, key updates) are sent by the reader if no write is under way, else by the
-//!   writer, which looks again after it lets go.
+//! - A second mutex, `sending`, is held by a writer from before it encrypts until its records
+//!   are written, so records reach the socket in the order they were made (TLS numbers them),
+//!   and the reader never finds a writer's records waiting and blocks writing them itself.
+//!   Records the reader makes (alerts, key updates) are sent by the reader if no write is
+//!   under way, else by the writer, which looks again after it lets go.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -68,8 +69,10 @@ impl ServerStream {
     /// TLS (close_notify), so the server reads a clean end of input, not a truncation.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         if let (Some(tls), Shutdown::Write) = (&self.tls, how) {
-            tls.shared.lock_session()?.send_close_notify();
-            tls.shared.send(&self.tcp)?;
+            tls.shared.encrypt_and_send(&self.tcp, |session| {
+                session.send_close_notify();
+                Ok(0)
+            })?;
         }
         self.tcp.shutdown(how)
     }
@@ -98,11 +101,9 @@ impl Write for ServerStream {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         match &self.tls {
             None => self.tcp.write(data),
-            Some(tls) => {
-                let written = tls.shared.lock_session()?.writer().write(data)?;
-                tls.shared.send(&self.tcp)?;
-                Ok(written)
-            }
+            Some(tls) => tls
+                .shared
+                .encrypt_and_send(&self.tcp, |session| session.writer().write(data)),
         }
     }
 
@@ -124,16 +125,27 @@ impl Shared {
         self.session.lock().map_err(|_| poisoned())
     }
 
-    /// Sends every record the session holds, including any another thread made meanwhile.
-    fn send(&self, tcp: &TcpStream) -> io::Result<()> {
+    /// Makes records with `encrypt` and sends them, and any the reader made meanwhile.
+    /// `sending` is taken before the records exist, so the reader never sees them unsent
+    /// with `sending` free (it would write them itself, and block on a full socket).
+    fn encrypt_and_send(
+        &self,
+        tcp: &TcpStream,
+        encrypt: impl FnOnce(&mut ClientConnection) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut encrypt = Some(encrypt);
+        let mut written = 0;
         loop {
             {
                 let _sending = self.sending.lock().map_err(|_| poisoned())?;
+                if let Some(encrypt) = encrypt.take() {
+                    written = encrypt(&mut *self.lock_session()?)?;
+                }
                 self.send_records(tcp)?;
             }
             // The reader may have made records while we held `sending` and left them to us.
             if !self.lock_session()?.wants_write() {
-                return Ok(());
+                return Ok(written);
             }
         }
     }
