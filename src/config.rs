@@ -500,10 +500,10 @@ pub fn parse_server_args(
             "--max-output: must be at least twice --max-line ({max_line})"
         )));
     }
-    // Below one client's allowance, a client within its own limit would be cut off for the sum.
-    if max_output_total < max_output {
+    // Below two longest lines, every line to a second recipient would cut off the first.
+    if max_output_total < max_line.saturating_mul(2) {
         return Err(ArgError(format!(
-            "--max-output-total: must be at least --max-output ({max_output})"
+            "--max-output-total: must be at least twice --max-line ({max_line})"
         )));
     }
     // A message's document is its text plus a few hundred bytes of fields: a bound below one
@@ -788,7 +788,8 @@ mod tests {
         ));
         assert_eq!((config.max_per_ip, config.max_per_ip_exempt.len()), (0, 0));
         assert_eq!(config.stats_interval, Some(Duration::from_secs(5)));
-        assert!(server(&["--max-output-total", "1024"], None).is_err());
+        assert!(server(&["--max-output-total", "8191"], None).is_err());
+        assert!(server(&["--max-output-total", "262144"], None).is_ok());
         let bad = server(&["--max-per-ip-exempt", "10.0.0.1,nope"], None).unwrap_err();
         assert!(bad.0.contains("'nope'"), "{bad}");
     }

@@ -12,7 +12,7 @@ pub enum Error {
     /// The listen address is taken or not ours.
     Bind { addr: SocketAddr, source: io::Error },
     /// A TLS certificate or key file is missing or unusable (a start-up error, exit 2).
-    Tls {
+    TlsFile {
         path: std::path::PathBuf,
         reason: String,
     },
@@ -42,7 +42,7 @@ impl fmt::Display for Error {
         match self {
             Error::Resolve { host, source } => write!(f, "cannot resolve host {host}: {source}"),
             Error::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
-            Error::Tls { path, reason } => write!(f, "TLS: {}: {reason}", path.display()),
+            Error::TlsFile { path, reason } => write!(f, "TLS: {}: {reason}", path.display()),
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::Disconnected(why) => f.write_str(why),
             Error::Output(source) => write!(f, "cannot write to standard output: {source}"),
@@ -62,7 +62,7 @@ impl std::error::Error for Error {
             | Error::Connect { source, .. }
             | Error::Output(source)
             | Error::Io(source) => Some(source),
-            Error::Tls { .. }
+            Error::TlsFile { .. }
             | Error::Disconnected(_)
             | Error::Usage(_)
             | Error::TlsConnect(_)
@@ -77,7 +77,7 @@ impl Error {
     /// that cannot be used, else 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) | Error::Tls { .. } => 2,
+            Error::Usage(_) | Error::TlsFile { .. } => 2,
             _ => 1,
         }
     }

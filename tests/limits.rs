@@ -249,7 +249,7 @@ fn flood_delays_are_counted() {
 #[test]
 fn stats_interval_logs_the_stats_line() {
     let (server, _addr) = spawn_server("", "--no-persist --stats-interval 1");
-    let logged = server.wait_for_log(|line| line.contains("stats uptime_s="));
+    let logged = server.wait_for_log(|line| line.contains("* stats uptime_s="));
     assert!(logged.contains(" tls_handshake_failures=0"), "{logged}");
 }
 
@@ -289,4 +289,16 @@ fn clients_that_read_are_not_cut_off_at_the_summed_cap() {
         assert!(got >= LINES, "{got} lines");
     }
     assert_eq!(figure(&stats(&mut sender), "slow_consumers"), 0);
+}
+
+/// Chat sent in the same write as `/stats` is counted as sent and delivered in the answer.
+#[test]
+fn stats_counts_the_askers_own_chat_of_the_same_read() {
+    let server = start_server(ServerConfig::local(None));
+    let (mut alice, mut bob) = common::alice_and_bob(server.addr);
+    alice.send_bytes(b"one\ntwo\n/stats\n");
+    let stats = figures(&alice.wait_for(|line| line.starts_with("* stats ")));
+    assert_eq!(figure(&stats, "msgs_in"), 2);
+    assert_eq!(figure(&stats, "deliveries_out"), 2);
+    assert_eq!(bob.line(), "<alice> one");
 }

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{run_bounded, spawn_server_waiting_for, SERVER};
+use common::process::{run_bounded, spawn_server_with_ports, SERVER};
 use common::tls::{closed_within, TestCerts, TlsChat};
 use common::{start_server, Chat, DEADLINE};
 use peerchat::config::TlsListen;
@@ -214,7 +214,14 @@ fn no_plain_serves_tls_only() {
         certs.chain.display(),
         certs.key.display()
     );
-    let (_server, tls_addr) = spawn_server_waiting_for("", &flags, "listening for TLS on ");
+    let (server, tls_addr) = spawn_server_with_ports("", &flags);
+    assert!(
+        server
+            .listening
+            .ends_with(&format!("listening on {tls_addr} (TLS, backlog 1024)")),
+        "the only listener is the TLS one: {}",
+        server.listening
+    );
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nothing listens on --port"

@@ -93,13 +93,8 @@ impl ServerProcess {
         )
         .spawn()
         .unwrap_or_else(|err| die(&format!("cannot start {PEERCHAT}: {err}")));
-        // `listening on ADDR` or `listening for TLS on ADDR`, possibly followed by more (e.g.
-        // `(backlog 1024)`).
-        let wanted = if over_tls {
-            "listening for TLS on "
-        } else {
-            "listening on "
-        };
+        // `listening on ADDR (backlog 1024)`, or `listening on ADDR (TLS, backlog 1024)`.
+        let wanted = "listening on ";
         // The log is read on a thread of its own, which keeps draining it so the server never
         // blocks on a full pipe, and hands its lines over here until the address is found.
         let (lines, log) = mpsc::channel();

@@ -29,14 +29,10 @@ fn main() -> ExitCode {
     });
     let code = match served {
         Ok(()) => ExitCode::SUCCESS,
-        // Like a bad flag: the command line named a file that cannot serve.
-        Err(err @ peerchat::Error::Tls { .. }) => {
-            error!("{err}");
-            ExitCode::from(2)
-        }
+        // 2 like a bad flag for a certificate or key file that cannot serve, else 1.
         Err(err) => {
             error!("{err}");
-            ExitCode::FAILURE
+            ExitCode::from(err.exit_code())
         }
     };
     log::flush(LOG_FLUSH_TIMEOUT);

@@ -82,6 +82,8 @@ pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], 
             room.notice(slot, &who);
         }
         Command::Stats => {
+            // The asker's own chat gathered this turn is counted as delivered first.
+            room.send_gathered_chat();
             let figures = stats.line(room, persister, now);
             room.notice(slot, &figures);
         }

@@ -305,8 +305,9 @@ impl EventLoop {
         if self.now < due {
             return;
         }
+        // As a client sees it, `* ` included, so one search finds both.
         info!(
-            "{}",
+            "* {}",
             self.stats
                 .line(&self.room, self.persister.as_ref(), self.now)
         );

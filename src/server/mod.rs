@@ -170,7 +170,9 @@ impl Server {
             );
         }
         if let Some(addr) = self.tls_addr {
-            info!("listening for TLS on {addr} (backlog {})", self.backlog);
+            // The same words as the plain line, so whatever waits for `listening on ADDR` finds
+            // the TLS listener of a `--no-plain` server too (after the plain one otherwise).
+            info!("listening on {addr} (TLS, backlog {})", self.backlog);
         }
         self.event_loop.run()?;
         info!("server stopped");

@@ -46,7 +46,7 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 }
 
 fn bad_file(path: &Path, reason: String) -> Error {
-    Error::Tls {
+    Error::TlsFile {
         path: path.to_path_buf(),
         reason,
     }

@@ -79,16 +79,14 @@ fn forward_log(server: &mut Child) -> mpsc::Receiver<String> {
 /// Starts the server binary with extra flags under `sh -c` (for `ulimit`), returning it and its
 /// address, read from its `listening on ADDR` log line.
 pub fn spawn_server(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAddr) {
-    spawn_server_waiting_for(shell_prefix, &format!("--port 0 {flags}"), "listening on ")
+    spawn_server_with_ports(shell_prefix, &format!("--port 0 {flags}"))
 }
 
-/// Starts the server binary with `flags` under `sh -c`, returning it and the address in its
-/// first log line containing `marker` (`listening on `, or `listening for TLS on `).
-pub fn spawn_server_waiting_for(
-    shell_prefix: &str,
-    flags: &str,
-    marker: &str,
-) -> (ServerProcess, SocketAddr) {
+/// Starts the server binary with `flags` (ports included) under `sh -c`, returning it and the
+/// address in its first `listening on ADDR (backlog N)` log line: the plain listener's, or with
+/// `--no-plain` the TLS one's (`listening on ADDR (TLS, backlog N)`).
+pub fn spawn_server_with_ports(shell_prefix: &str, flags: &str) -> (ServerProcess, SocketAddr) {
+    let marker = "listening on ";
     let command = format!("{shell_prefix} exec '{SERVER}' {flags}");
     let mut child = Command::new("sh")
         .args(["-c", &command])
