@@ -500,7 +500,7 @@ impl EventLoop {
     }
 
     /// Reads what the client sent, within the budget and its flood allowance, and acts on each
-    /// line.
+    /// line. A TLS client whose handshake this read finished joins the chat first.
     fn read_from(&mut self, slot: usize) {
         let flood = self.room.limits().flood;
         let Some(conn) = self.room.get_mut(slot) else {
@@ -524,6 +524,12 @@ impl EventLoop {
         if handshake_done {
             self.join(slot);
         }
+        self.act_on_batch(slot);
+        self.after_read(client, outcome);
+    }
+
+    /// Applies the lines just read from `slot`, stopping if one of them ends its reading.
+    fn act_on_batch(&mut self, slot: usize) {
         for item in self.batch.items() {
             if self.room.get(slot).is_none_or(|conn| conn.done_reading()) {
                 break;
@@ -536,18 +542,18 @@ impl EventLoop {
                         history: &mut self.history,
                         stats: &self.stats,
                     };
-                    chat::line(
-                        &mut self.room,
-                        services,
-                        slot,
-                        self.batch.line(range),
-                        self.now,
-                    );
+                    let line = self.batch.line(range);
+                    chat::line(&mut self.room, services, slot, line, self.now);
                 }
                 Input::TooLong => chat::too_long(&mut self.room, slot),
             }
         }
         self.room.send_gathered_chat();
+    }
+
+    /// What a read's end means for the client: read again next turn, wait for its flood
+    /// allowance, or close.
+    fn after_read(&mut self, client: ClientRef, outcome: ReadOutcome) {
         match outcome {
             ReadOutcome::Drained => {}
             ReadOutcome::BudgetSpent => {
@@ -559,9 +565,9 @@ impl EventLoop {
             ReadOutcome::Throttled => self.throttle(client),
             // End of input: answers to history asked for before it still go out.
             ReadOutcome::Closed(CloseReason::PeerClosed) => {
-                self.room.leave(slot, CloseReason::PeerClosed, None);
+                self.room.leave(client.slot, CloseReason::PeerClosed, None);
             }
-            ReadOutcome::Closed(reason) => self.room.close(slot, reason),
+            ReadOutcome::Closed(reason) => self.room.close(client.slot, reason),
         }
     }
 
