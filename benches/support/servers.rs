@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
 
-use super::tls::{self, TestCerts};
+use super::tls::TestCerts;
 use super::{die, end_with_bench};
 
 pub const PEERCHAT: &str = env!("CARGO_BIN_EXE_peerchat-server");
@@ -135,7 +135,7 @@ impl ServerProcess {
         ServerProcess {
             kind: Kind::Peerchat,
             addr,
-            tls: certs.as_ref().map(tls::client_config),
+            tls: certs.as_ref().map(TestCerts::client_config),
             child,
             _certs: certs,
         }
@@ -194,7 +194,7 @@ impl ServerProcess {
         Some(ServerProcess {
             kind: Kind::Redis,
             addr,
-            tls: certs.as_ref().map(tls::client_config),
+            tls: certs.as_ref().map(TestCerts::client_config),
             child,
             _certs: certs,
         })

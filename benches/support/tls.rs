@@ -2,96 +2,19 @@
 //! written as PEM files both servers load) and rustls client connections that verify the
 //! server against that CA, as a real client given `--tls-ca` would.
 
-use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
-/// A throwaway CA and a server certificate it signed for `localhost` and `127.0.0.1`, written
-/// as PEM files the way certbot writes them (as the TLS tests make theirs, in
-/// `tests/common/tls.rs`), in a directory of their own that is removed on drop.
-pub struct TestCerts {
-    dir: PathBuf,
-    /// The server's certificate followed by the CA's: what `--tls-cert` (peerchat) and
-    /// `--tls-cert-file` (Redis) take.
-    pub chain: PathBuf,
-    /// The server's private key (ECDSA P-256, rcgen's default).
-    pub key: PathBuf,
-    /// The CA's certificate alone (Redis wants one even when clients show no certificate).
-    pub ca: PathBuf,
-    ca_der: Vec<u8>,
-}
-
-impl TestCerts {
-    pub fn new() -> TestCerts {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "peerchat-bench-certs-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&dir).expect("create certificate directory");
-
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "peerchat bench CA");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca_params, ca_key);
-        let server_key = KeyPair::generate().expect("server key");
-        let server_cert = CertificateParams::new(vec![SERVER_NAME.into(), "127.0.0.1".into()])
-            .expect("server params")
-            .signed_by(&server_key, &issuer)
-            .expect("server certificate");
-
-        let certs = TestCerts {
-            chain: dir.join("fullchain.pem"),
-            key: dir.join("privkey.pem"),
-            ca: dir.join("ca.pem"),
-            ca_der: ca_cert.der().to_vec(),
-            dir,
-        };
-        let chain = format!("{}{}", server_cert.pem(), ca_cert.pem());
-        fs::write(&certs.chain, chain).expect("write chain");
-        fs::write(&certs.key, server_key.serialize_pem()).expect("write key");
-        fs::write(&certs.ca, ca_cert.pem()).expect("write CA");
-        certs
-    }
-}
-
-impl Drop for TestCerts {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
+#[path = "../../tests/common/certs.rs"]
+mod certs;
+pub use certs::TestCerts;
 
 /// The name the generator asks for and verifies; the certificate holds it.
 const SERVER_NAME: &str = "localhost";
-
-/// A client configuration that trusts only `certs`' CA. ring is the one crypto provider in the
-/// build, named explicitly so another dependency enabling a second cannot make this ambiguous.
-pub fn client_config(certs: &TestCerts) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(certs.ca_der.clone()))
-        .expect("the bench CA is a valid root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
-}
 
 /// A TLS session over a connected blocking socket, handshake done. Shared behind a mutex
 /// because a sender's session is written by the sending thread and read by a receiving thread

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod certs;
 pub mod process;
 pub mod proxy;
 pub mod pty;
