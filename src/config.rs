@@ -975,6 +975,40 @@ mod tests {
     }
 
     #[test]
+    fn client_flags_default_to_time_colour_and_reconnect() {
+        let config = client(&[]).unwrap();
+        assert_eq!((config.host.as_str(), config.port), ("127.0.0.1", 55556));
+        assert_eq!(config.nick, None);
+        assert_eq!(config.connect_timeout, Duration::from_secs(10));
+        assert!(config.time && config.color && config.reconnect);
+    }
+
+    #[test]
+    fn client_flags_turn_each_feature_off() {
+        let config = client(&[
+            "--no-time",
+            "--no-color",
+            "--no-reconnect",
+            "--connect-timeout",
+            "2.5",
+            "--nick",
+            "alice",
+        ])
+        .unwrap();
+        assert!(!config.time && !config.color && !config.reconnect);
+        assert_eq!(config.connect_timeout, Duration::from_millis(2500));
+        assert_eq!(config.nick.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn a_bad_connect_timeout_names_the_flag() {
+        for value in ["0", "-1", "NaN", "inf", "soon", "3601"] {
+            let err = client(&["--connect-timeout", value]).unwrap_err();
+            assert!(err.0.starts_with("--connect-timeout: "), "{value}: {err}");
+        }
+    }
+
+    #[test]
     fn client_tls_is_off_unless_asked_and_a_ca_file_implies_it() {
         assert_eq!(client(&[]).unwrap().tls, None);
         assert_eq!(client(&["--tls"]).unwrap().tls, Some(TlsTrust::SystemRoots));
