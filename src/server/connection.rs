@@ -413,7 +413,7 @@ impl Connection {
     /// (close now). Pending `/history` answers then hold later output as a join's does, so
     /// what is queued from now on (the goodbye) comes after them.
     pub fn leave_after_history(&mut self, reason: CloseReason) -> bool {
-        if self.history_waits.is_empty() && self.answers_due.is_empty() {
+        if !self.awaits_history() {
             return false;
         }
         for ticket in self.answers_due.drain(..) {
@@ -428,8 +428,12 @@ impl Connection {
 
     /// The reason to close now, if it is leaving and no history answer is due any more.
     pub fn ready_to_leave(&self) -> Option<CloseReason> {
-        let answered = self.history_waits.is_empty() && self.answers_due.is_empty();
-        self.leave_after_history.filter(|_| answered)
+        self.leave_after_history.filter(|_| !self.awaits_history())
+    }
+
+    /// Some history answer, on join or for `/history`, has not arrived yet.
+    fn awaits_history(&self) -> bool {
+        !self.history_waits.is_empty() || !self.answers_due.is_empty()
     }
 
     /// Marks the connection for closing; the first reason wins. Returns true if it was open.
