@@ -83,29 +83,35 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    fn register(&mut self, poll: &Poll) -> io::Result<()> {
-        if let Some(listener) = &mut self.plain {
-            poll.registry()
-                .register(listener, LISTENER, Interest::READABLE)?;
+    /// The listener `tls` names, if there is one.
+    fn get(&self, tls: bool) -> Option<&TcpListener> {
+        if tls {
+            self.tls.as_ref().map(|(listener, _)| listener)
+        } else {
+            self.plain.as_ref()
         }
-        if let Some((listener, _)) = &mut self.tls {
+    }
+
+    /// Each listener with its poll token.
+    fn with_tokens(&mut self) -> impl Iterator<Item = (&mut TcpListener, Token)> {
+        let plain = self.plain.as_mut().map(|listener| (listener, LISTENER));
+        let tls = self
+            .tls
+            .as_mut()
+            .map(|(listener, _)| (listener, TLS_LISTENER));
+        plain.into_iter().chain(tls)
+    }
+
+    fn register(&mut self, poll: &Poll) -> io::Result<()> {
+        for (listener, token) in self.with_tokens() {
             poll.registry()
-                .register(listener, TLS_LISTENER, Interest::READABLE)?;
+                .register(listener, token, Interest::READABLE)?;
         }
         Ok(())
     }
 
-    fn each(&self) -> impl Iterator<Item = &TcpListener> {
-        self.plain
-            .iter()
-            .chain(self.tls.iter().map(|(listener, _)| listener))
-    }
-
     fn deregister(&mut self, poll: &Poll) {
-        if let Some(listener) = &mut self.plain {
-            let _ = poll.registry().deregister(listener);
-        }
-        if let Some((listener, _)) = &mut self.tls {
+        for (listener, _) in self.with_tokens() {
             let _ = poll.registry().deregister(listener);
         }
     }
@@ -162,8 +168,8 @@ impl EventLoop {
         listeners.register(&poll)?;
         let socket_options = ClientSocketOptions::new(config.keepalive);
         // Accepted sockets inherit these where the system allows (see `socket_options`).
-        for listener in listeners.each() {
-            socket_options.apply(SockRef::from(listener))?;
+        for (listener, _) in listeners.with_tokens() {
+            socket_options.apply(SockRef::from(&*listener))?;
         }
         let per_address = PerAddress::new(config.max_per_ip, &config.max_per_ip_exempt);
         let now = Instant::now();
@@ -347,9 +353,8 @@ impl EventLoop {
     /// Accepts from one listener; true if its budget ran out with connections possibly left.
     fn accept_from(&mut self, tls: bool) -> bool {
         for _ in 0..ACCEPT_BUDGET {
-            let listener = match (tls, &self.listeners.plain, &self.listeners.tls) {
-                (false, Some(listener), _) | (true, _, Some((listener, _))) => listener,
-                _ => return false,
+            let Some(listener) = self.listeners.get(tls) else {
+                return false;
             };
             match listener.accept() {
                 Ok((socket, addr)) => self.admit(socket, addr, tls),
