@@ -7,8 +7,8 @@
 //!
 //! A node is gone when it removes its heartbeat (a clean stop), when a sweep removes it, or
 //! when 3 of its heartbeat intervals pass without one while this node's own heartbeats keep
-//! arriving: if this node's stream stalls, every node would look silent, so silence is judged
-//! against our own heartbeat, never against the clock alone.
+//! arriving: if this node's stream stalls, every node would look silent, so silence is only
+//! judged while our own heartbeat comes through.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -147,18 +147,23 @@ impl Roster {
         }
     }
 
-    /// Takes nodes silent for 3 of their heartbeat intervals for gone, judged against this
-    /// node's own heartbeat (see the module docs).
+    /// Takes nodes silent for 3 of their heartbeat intervals for gone, while this node's own
+    /// heartbeats come through (see the module docs).
     pub fn check_nodes(&mut self, room: &mut Room, presence: &mut Presence, now: Instant) {
         if now < self.next_check {
             return;
         }
         self.next_check = now + CHECK_EVERY;
-        let Some(own) = self.own_heard else { return };
+        let own_stream_flows = self
+            .own_heard
+            .is_some_and(|heard| now <= heard + self.cluster.heartbeat() * 2);
+        if !own_stream_flows {
+            return;
+        }
         let silent: Vec<String> = self
             .nodes
             .iter()
-            .filter(|(_, node)| node.last_heard + node.interval * CLUSTER_SILENT_INTERVALS < own)
+            .filter(|(_, node)| now > node.last_heard + node.interval * CLUSTER_SILENT_INTERVALS)
             .map(|(id, _)| id.clone())
             .collect();
         for node in silent {
