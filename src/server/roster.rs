@@ -41,8 +41,8 @@ pub struct Roster {
 struct Node {
     interval: Duration,
     last_heard: Instant,
-    /// Its clients in the order they joined: presence `_id` and nick.
-    clients: Vec<(String, String)>,
+    /// Its clients by connection id (the order they connected in), with their nicks.
+    clients: BTreeMap<u64, String>,
 }
 
 impl Node {
@@ -50,9 +50,15 @@ impl Node {
         Node {
             interval,
             last_heard: now,
-            clients: Vec::new(),
+            clients: BTreeMap::new(),
         }
     }
+}
+
+/// The node and connection id in a client's presence key (`node/id`).
+fn parse_key(key: &str) -> Option<(&str, u64)> {
+    let (node, id) = key.split_once('/')?;
+    Some((node, id.parse().ok()?))
 }
 
 impl Roster {
@@ -212,8 +218,8 @@ impl Roster {
         let Some(gone) = self.nodes.remove(node) else {
             return;
         };
-        for (_, nick) in gone.clients {
-            presence.remote_left(room, &nick, now);
+        for nick in gone.clients.values() {
+            presence.remote_left(room, nick, now);
         }
     }
 
@@ -224,13 +230,16 @@ impl Roster {
         (key, node, nick): (String, String, String),
         now: Instant,
     ) {
-        let interval = self.cluster_interval();
+        let Some((_, id)) = parse_key(&key) else {
+            return;
+        };
+        let interval = self.cluster.heartbeat();
         let entry = self
             .nodes
             .entry(node)
             .or_insert_with(|| Node::new(interval, now));
-        match entry.clients.iter_mut().find(|(known, _)| *known == key) {
-            Some((_, old)) if *old != nick => {
+        match entry.clients.get_mut(&id) {
+            Some(old) if *old != nick => {
                 let old = std::mem::replace(old, nick.clone());
                 presence.announce_remote_join(room, &old, now);
                 presence.before_name_taken(room, &nick, now);
@@ -238,24 +247,20 @@ impl Roster {
             }
             Some(_) => {} // written again with the same nick (a node catching up)
             None => {
-                entry.clients.push((key, nick.clone()));
+                entry.clients.insert(id, nick.clone());
                 presence.remote_joined(room, &nick, now);
             }
         }
     }
 
     fn client_left(&mut self, room: &mut Room, presence: &mut Presence, key: &str, now: Instant) {
-        let Some((node, _)) = key.split_once('/') else {
+        let Some((node, id)) = parse_key(key) else {
             return;
         };
-        let Some(entry) = self.nodes.get_mut(node) else {
-            return;
-        };
-        let Some(at) = entry.clients.iter().position(|(known, _)| known == key) else {
-            return;
-        };
-        let (_, nick) = entry.clients.remove(at);
-        presence.remote_left(room, &nick, now);
+        let left = self.nodes.get_mut(node).and_then(|n| n.clients.remove(&id));
+        if let Some(nick) = left {
+            presence.remote_left(room, &nick, now);
+        }
     }
 
     /// Replaces what is known of the other nodes with a snapshot; with `announce`, clients
@@ -273,50 +278,40 @@ impl Roster {
             .map(|(id, interval)| (id, Node::new(interval, now)))
             .collect();
         for client in clients {
-            if let Some(node) = fresh.get_mut(&client.node) {
-                node.clients.push((client.key, client.nick));
+            let id = parse_key(&client.key).map(|(_, id)| id);
+            if let (Some(node), Some(id)) = (fresh.get_mut(&client.node), id) {
+                node.clients.insert(id, client.nick);
             }
         }
         let old = std::mem::replace(&mut self.nodes, fresh);
         if !announce {
             return;
         }
-        for (_, nick) in old.values().flat_map(|node| &node.clients) {
-            if !self.knows(nick) {
-                presence.remote_left(room, nick, now);
+        let holds = |nodes: &BTreeMap<String, Node>, node: &str, id: &u64| {
+            nodes.get(node).is_some_and(|n| n.clients.contains_key(id))
+        };
+        for (node, was) in &old {
+            for (id, nick) in &was.clients {
+                if !holds(&self.nodes, node, id) {
+                    presence.remote_left(room, nick, now);
+                }
             }
         }
-        let known_before = |key: &str| {
-            old.values()
-                .any(|node| node.clients.iter().any(|(k, _)| k == key))
-        };
-        let joined: Vec<String> = self
-            .nodes
-            .values()
-            .flat_map(|node| &node.clients)
-            .filter(|(key, _)| !known_before(key))
-            .map(|(_, nick)| nick.clone())
-            .collect();
-        for nick in joined {
-            presence.remote_joined(room, &nick, now);
+        for (node, is) in &self.nodes {
+            for (id, nick) in &is.clients {
+                if !holds(&old, node, id) {
+                    presence.remote_joined(room, nick, now);
+                }
+            }
         }
-    }
-
-    fn knows(&self, nick: &str) -> bool {
-        self.remote_clients().any(|(_, known)| known == nick)
     }
 
     /// (node, nick) of every client of the other nodes.
     fn remote_clients(&self) -> impl Iterator<Item = (&str, &str)> {
         self.nodes.iter().flat_map(|(id, node)| {
             node.clients
-                .iter()
-                .map(move |(_, nick)| (id.as_str(), nick.as_str()))
+                .values()
+                .map(move |nick| (id.as_str(), nick.as_str()))
         })
-    }
-
-    /// The interval to assume for a node not heard from yet: this node's own.
-    fn cluster_interval(&self) -> Duration {
-        self.cluster.heartbeat()
     }
 }
