@@ -5,10 +5,12 @@
 //! nodes are delivered like local chat, their clients' joins, leaves and renames go through
 //! the same coalesced presence notices, and `/who` lists every node's clients with their node.
 //!
-//! A node is gone when it removes its heartbeat (a clean stop), when a sweep removes it, or
-//! when 3 of its heartbeat intervals pass without one while this node's own heartbeats keep
-//! arriving: if this node's stream stalls, every node would look silent, so silence is only
-//! judged while our own heartbeat comes through.
+//! A node is gone when it removes its heartbeat (a clean stop) or a sweep removes it. When 3
+//! of its heartbeat intervals pass without one (while this node's own heartbeats keep
+//! arriving: if this node's stream stalls, every node would look silent), it is taken for
+//! silent: its users are announced as gone and left out of `/who`, but remembered, and if
+//! its heartbeat comes back (the database was slow for it, not the node dead), they are
+//! announced again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -41,6 +43,8 @@ pub struct Roster {
 struct Node {
     interval: Duration,
     last_heard: Instant,
+    /// Taken for gone after 3 intervals without a heartbeat; its clients are not shown.
+    silent: bool,
     /// Its clients by connection id (the order they connected in), with their nicks.
     clients: BTreeMap<u64, String>,
 }
@@ -50,6 +54,7 @@ impl Node {
         Node {
             interval,
             last_heard: now,
+            silent: false,
             clients: BTreeMap::new(),
         }
     }
@@ -115,7 +120,7 @@ impl Roster {
         let get = ClusterFigures::get;
         format!(
             " nodes={} remote_in={} stream_stalls={} stream_resumes={} backfills={} missed_gaps={}",
-            self.nodes.len() + 1,
+            self.nodes.values().filter(|node| !node.silent).count() + 1,
             self.remote_in,
             get(&figures.stream_stalls),
             get(&figures.stream_resumes),
@@ -135,7 +140,9 @@ impl Roster {
         for event in events {
             match event {
                 StreamEvent::Message(message) => self.deliver(room, presence, &message, now),
-                StreamEvent::Heartbeat { node, interval } => self.heartbeat(node, interval, now),
+                StreamEvent::Heartbeat { node, interval } => {
+                    self.heartbeat(room, presence, (node, interval), now)
+                }
                 StreamEvent::NodeGone { node } => self.node_gone(room, presence, &node, now),
                 StreamEvent::ClientJoined { key, node, nick } => {
                     self.client_joined(room, presence, (key, node, nick), now)
@@ -166,15 +173,15 @@ impl Roster {
         if !own_stream_flows {
             return;
         }
-        let silent: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(_, node)| now > node.last_heard + node.interval * CLUSTER_SILENT_INTERVALS)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for node in silent {
-            crate::warn!("cluster: node {node} has gone silent; its users are taken for gone");
-            self.node_gone(room, presence, &node, now);
+        for (id, node) in &mut self.nodes {
+            let overdue = now > node.last_heard + node.interval * CLUSTER_SILENT_INTERVALS;
+            if overdue && !node.silent {
+                crate::warn!("cluster: node {id} has gone silent; its users are taken for gone");
+                node.silent = true;
+                for nick in node.clients.values() {
+                    presence.remote_left(room, nick, now);
+                }
+            }
         }
     }
 
@@ -201,7 +208,13 @@ impl Roster {
         self.remote_in += 1;
     }
 
-    fn heartbeat(&mut self, node: String, interval: Duration, now: Instant) {
+    fn heartbeat(
+        &mut self,
+        room: &mut Room,
+        presence: &mut Presence,
+        (node, interval): (String, Duration),
+        now: Instant,
+    ) {
         if node == self.node_id() {
             self.own_heard = Some(now);
             return;
@@ -212,10 +225,16 @@ impl Roster {
             .or_insert_with(|| Node::new(interval, now));
         entry.interval = interval;
         entry.last_heard = now;
+        if std::mem::take(&mut entry.silent) {
+            crate::info!("cluster: a silent node is back; its users are shown again");
+            for nick in entry.clients.values() {
+                presence.remote_joined(room, nick, now);
+            }
+        }
     }
 
     fn node_gone(&mut self, room: &mut Room, presence: &mut Presence, node: &str, now: Instant) {
-        let Some(gone) = self.nodes.remove(node) else {
+        let Some(gone) = self.nodes.remove(node).filter(|gone| !gone.silent) else {
             return;
         };
         for nick in gone.clients.values() {
@@ -239,6 +258,7 @@ impl Roster {
             .entry(node)
             .or_insert_with(|| Node::new(interval, now));
         match entry.clients.get_mut(&id) {
+            Some(old) if entry.silent => *old = nick,
             Some(old) if *old != nick => {
                 let old = std::mem::replace(old, nick.clone());
                 presence.announce_remote_join(room, &old, now);
@@ -248,7 +268,9 @@ impl Roster {
             Some(_) => {} // written again with the same nick (a node catching up)
             None => {
                 entry.clients.insert(id, nick.clone());
-                presence.remote_joined(room, &nick, now);
+                if !entry.silent {
+                    presence.remote_joined(room, &nick, now);
+                }
             }
         }
     }
@@ -257,8 +279,10 @@ impl Roster {
         let Some((node, id)) = parse_key(key) else {
             return;
         };
-        let left = self.nodes.get_mut(node).and_then(|n| n.clients.remove(&id));
-        if let Some(nick) = left {
+        let Some(entry) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if let Some(nick) = entry.clients.remove(&id).filter(|_| !entry.silent) {
             presence.remote_left(room, &nick, now);
         }
     }
@@ -287,28 +311,32 @@ impl Roster {
         if !announce {
             return;
         }
-        let holds = |nodes: &BTreeMap<String, Node>, node: &str, id: &u64| {
-            nodes.get(node).is_some_and(|n| n.clients.contains_key(id))
+        // Shown: held by a node that is not silent (a silent node's users were announced gone).
+        let shown = |nodes: &BTreeMap<String, Node>, node: &str, id: &u64| {
+            nodes
+                .get(node)
+                .is_some_and(|n| !n.silent && n.clients.contains_key(id))
         };
-        for (node, was) in &old {
+        for (node, was) in old.iter().filter(|(_, was)| !was.silent) {
             for (id, nick) in &was.clients {
-                if !holds(&self.nodes, node, id) {
+                if !shown(&self.nodes, node, id) {
                     presence.remote_left(room, nick, now);
                 }
             }
         }
         for (node, is) in &self.nodes {
             for (id, nick) in &is.clients {
-                if !holds(&old, node, id) {
+                if !shown(&old, node, id) {
                     presence.remote_joined(room, nick, now);
                 }
             }
         }
     }
 
-    /// (node, nick) of every client of the other nodes.
+    /// (node, nick) of every client of the other nodes, leaving out silent ones.
     fn remote_clients(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.nodes.iter().flat_map(|(id, node)| {
+        let shown = self.nodes.iter().filter(|(_, node)| !node.silent);
+        shown.flat_map(|(id, node)| {
             node.clients
                 .values()
                 .map(move |nick| (id.as_str(), nick.as_str()))
