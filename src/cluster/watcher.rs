@@ -50,7 +50,7 @@ const STREAM_BUFFER: usize = 4 * MAX_EVENTS_PER_BATCH;
 /// timestamps' order. Those already delivered are recognised by `_id`.
 const BACKFILL_MARGIN_MS: i64 = 60_000;
 
-/// Most messages one backfill delivers; past this the gap is reported instead.
+/// Most missed messages one backfill delivers; past this the gap is reported.
 const MAX_BACKFILL: usize = 10_000;
 
 /// Delivered `_id`s remembered to keep a backfill from repeating them: those within the margin
@@ -370,37 +370,32 @@ impl Watcher {
     }
 
     /// Delivers every message from other nodes since the newest delivered (with the margin),
-    /// skipping those already delivered. Tells clients of a gap if it cannot.
+    /// skipping those already delivered. Tells clients of a gap if it cannot: the database
+    /// failed three times, or more than `MAX_BACKFILL` messages were missed.
     async fn backfill(&mut self) -> Result<(), Stopped> {
         let from = self
             .delivered
             .newest_millis
             .map_or(self.started_millis, |newest| newest - BACKFILL_MARGIN_MS)
             .max(self.started_millis);
-        let mut attempts = 0;
-        let found = loop {
-            match self.stored_since(from).await {
-                Ok(found) => break Some(found),
-                Err(err) if attempts < 3 => {
-                    attempts += 1;
-                    warn!("cluster: backfill failed ({}); retrying", describe(&err));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut complete = false;
+        let mut found = 0;
+        for attempt in 1..=3 {
+            match self.deliver_stored_since(from, &mut found).await? {
+                Ok(all) => {
+                    complete = all;
+                    break;
                 }
                 Err(err) => {
-                    warn!("cluster: backfill failed ({})", describe(&err));
-                    break None;
+                    warn!(
+                        "cluster: backfill failed ({}), attempt {attempt} of 3",
+                        describe(&err)
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-        };
-        let complete = found.as_ref().is_some_and(|f| f.len() <= MAX_BACKFILL);
-        let mut delivered = 0;
-        for message in found.into_iter().flatten().take(MAX_BACKFILL) {
-            if self.delivered.is_new(&message) {
-                delivered += 1;
-            }
-            self.deliver(message)?;
         }
-        info!("cluster: backfill delivered {delivered} messages from other nodes");
+        info!("cluster: backfill delivered {found} messages from other nodes");
         if !complete {
             ClusterFigures::add(&self.figures.missed_gaps);
             warn!("cluster: messages from other nodes may have been missed; clients are told");
@@ -409,27 +404,52 @@ impl Watcher {
         Ok(())
     }
 
-    /// Messages of other nodes stamped at `from` or later, in `(timestamp, _id)` order, one
-    /// more than a backfill delivers (to see whether there are more).
-    async fn stored_since(&self, from: i64) -> Result<Vec<StoredMessage>, DbError> {
+    /// Reads the messages of other nodes stamped at `from` or later, in `(timestamp, _id)`
+    /// order, and delivers those not delivered yet, counting them in `found`. The whole window
+    /// is read (those already delivered are most of it under load); Ok(false) if more than
+    /// `MAX_BACKFILL` were missing. A retry after an error skips what this one delivered.
+    async fn deliver_stored_since(
+        &mut self,
+        from: i64,
+        found: &mut usize,
+    ) -> Result<Result<bool, DbError>, Stopped> {
         let filter = doc! {
             "node": { "$exists": true, "$ne": &self.me },
             "timestamp": { "$gte": DateTime::from_millis(from) },
         };
-        let mut cursor = self
+        let cursor = self
             .database
             .collection::<Document>(&self.messages)
             .find(filter)
             .sort(doc! { "timestamp": 1, "_id": 1 })
-            .limit(MAX_BACKFILL as i64 + 1)
+            .batch_size(MAX_EVENTS_PER_BATCH as u32)
             .max_time(self.timeout * 3)
-            .await?;
-        let mut found = Vec::new();
-        while cursor.advance().await? {
-            let document: Document = cursor.deserialize_current()?;
-            found.extend(documents::stored_message(&document));
+            .await;
+        let mut cursor = match cursor {
+            Ok(cursor) => cursor,
+            Err(err) => return Ok(Err(err)),
+        };
+        loop {
+            match cursor.advance().await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Ok(true)),
+                Err(err) => return Ok(Err(err)),
+            }
+            let Ok(document) = cursor.deserialize_current() else {
+                continue;
+            };
+            let Some(message) = documents::stored_message(&document) else {
+                continue;
+            };
+            if !self.delivered.is_new(&message) {
+                continue;
+            }
+            if *found == MAX_BACKFILL {
+                return Ok(Ok(false));
+            }
+            *found += 1;
+            self.deliver(message)?;
         }
-        Ok(found)
     }
 
     /// Everyone on the other nodes now.
