@@ -15,9 +15,10 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bson::doc;
+use bson::{doc, Document};
 use common::process::{run_bounded, spawn_server, ServerProcess, SERVER};
 use common::{free_port, Chat, TestDb, DEADLINE};
+use mongodb::sync::Collection;
 
 /// How long a killed node's users may take to leave `/who` elsewhere: the spec says 3 heartbeat
 /// intervals (1 s here) after its last heartbeat; the rest is room for a loaded test machine.
@@ -269,11 +270,10 @@ fn numbered(prefix: &str, count: usize) -> Vec<String> {
 }
 
 /// Waits up to `within` for a message with this nick and content to be stored.
-fn is_stored(db: &TestDb, nick: &str, content: &str, within: Duration) -> bool {
+fn is_stored(messages: &Collection<Document>, nick: &str, content: &str, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
-        let found = db
-            .messages()
+        let found = messages
             .count_documents(doc! { "nick": nick, "content": content })
             .run()
             .unwrap_or(0);
@@ -414,11 +414,14 @@ fn who_spans_nodes_and_nicks_are_unique_across_them() {
         );
     }
 
+    check_presence_documents(&db, &everyone);
+
     // Taken on n1, so taken on n3, whatever the case.
+    let anon_renamed = format!("* {} is now ", anon.name);
     for nick in ["a_n1", "A_N1"] {
         anon.send(&format!("/nick {nick}"));
         assert_eq!(
-            anon.wait_for(|l| l.starts_with("! ") || l.contains(" is now ")),
+            anon.wait_for(|l| l.starts_with("! ") || l.starts_with(&anon_renamed)),
             format!("! nick {nick} is taken")
         );
     }
@@ -433,21 +436,18 @@ fn who_spans_nodes_and_nicks_are_unique_across_them() {
     anon.send("/nick b_n2");
     let taken = format!("* {old_anon} is now b_n2");
     assert_eq!(
-        anon.wait_for(|l| l.starts_with("! ") || l.contains(" is now b_n2")),
+        anon.wait_for(|l| l.starts_with("! ") || l.starts_with(&anon_renamed)),
         taken,
         "the old nick is free after the rename"
     );
     anon.name = "b_n2".to_string();
     named[0][0].wait_for(|l| l == taken);
+    let bee = ("bee".to_string(), "n2".to_string());
+    let b_n2 = ("b_n2".to_string(), "n3".to_string());
     let entries = who_until(&mut named[0][0], &mut seen, DEADLINE, |e| {
-        e.iter().any(|(name, _)| name == "bee")
+        e.contains(&bee) && e.contains(&b_n2)
     });
-    assert!(
-        entries.contains(&("bee".to_string(), "n2".to_string()))
-            && entries.contains(&("b_n2".to_string(), "n3".to_string()))
-            && entries.len() == 7,
-        "{entries:?}"
-    );
+    assert_eq!(entries.len(), 7, "{entries:?}");
 
     // n1 and n3 ask for the same new nick at once: the database gives it to one of them.
     let (left, right) = named.split_at_mut(2);
@@ -465,6 +465,73 @@ fn who_spans_nodes_and_nicks_are_unique_across_them() {
     }
     assert_eq!(winners, 1, "exactly one node may give out the nick");
     drop(nodes);
+}
+
+/// The presence collection as the spec pins it: one `node` document per node (heartbeat interval
+/// in ms), one `client` document per client with its node and name (and the lowercase nick key
+/// for chosen nicks only), a unique index on the nick key and a TTL index on `seen`.
+fn check_presence_documents(db: &TestDb, everyone: &HashSet<(String, String)>) {
+    let presence = db
+        .client()
+        .database(&db.database)
+        .collection::<Document>("messages_presence");
+    let documents: Vec<Document> = presence
+        .find(doc! {})
+        .run()
+        .expect("read presence")
+        .collect::<Result<_, _>>()
+        .expect("read presence");
+    let mut clients = HashSet::new();
+    let mut nodes = HashSet::new();
+    for document in &documents {
+        let node = document.get_str("node").expect("node").to_string();
+        assert!(document.get_datetime("seen").is_ok(), "{document:?}");
+        match document.get_str("kind").expect("kind") {
+            "node" => {
+                assert_eq!(document.get_str("_id").ok(), Some(node.as_str()));
+                assert_eq!(
+                    document
+                        .get("interval_ms")
+                        .and_then(bson::Bson::as_i64)
+                        .or_else(|| document
+                            .get("interval_ms")
+                            .and_then(|v| v.as_i32().map(i64::from))),
+                    Some(1000),
+                    "{document:?}"
+                );
+                nodes.insert(node);
+            }
+            "client" => {
+                let nick = document.get_str("nick").expect("nick").to_string();
+                let id = document.get_str("_id").expect("_id");
+                assert!(id.starts_with(&format!("{node}/")), "{document:?}");
+                let chosen = !nick.starts_with("127.0.0.1:");
+                let key = document.get_str("nick_key").ok();
+                let expected_key = nick.to_lowercase();
+                assert_eq!(key, chosen.then_some(expected_key.as_str()), "{document:?}");
+                assert!(clients.insert((nick, node)), "twice: {document:?}");
+            }
+            other => panic!("unknown kind {other}: {document:?}"),
+        }
+    }
+    assert_eq!(&clients, everyone);
+    let all_nodes: HashSet<String> = everyone.iter().map(|(_, node)| node.clone()).collect();
+    assert_eq!(nodes, all_nodes);
+    let indexes: Vec<mongodb::IndexModel> = presence
+        .list_indexes()
+        .run()
+        .expect("list presence indexes")
+        .collect::<Result<_, _>>()
+        .expect("read presence indexes");
+    let on = |field: &str| {
+        indexes
+            .iter()
+            .find(|index| index.keys.contains_key(field))
+            .and_then(|index| index.options.clone())
+            .unwrap_or_else(|| panic!("no index on {field}: {indexes:?}"))
+    };
+    assert_eq!(on("nick_key").unique, Some(true), "{indexes:?}");
+    assert!(on("seen").expire_after.is_some(), "TTL: {indexes:?}");
 }
 
 /// A client's join, rename and leave on n2 (by /quit and by a closed connection) are announced on
@@ -582,15 +649,14 @@ fn a_database_restart_loses_and_repeats_no_stored_message() {
     db.restart();
     send_round(&mut senders, "after", 20, 10);
     // Then one closing line from each sender that is surely stored: sent again until one is.
-    let mut last_stored = Vec::new();
+    let messages = db.messages();
     for (sender, texts) in senders.iter_mut().zip(sent.iter_mut()) {
         let deadline = Instant::now() + DELIVERY_WITHIN;
         for n in 0.. {
             let text = format!("end {n}");
             sender.send(&text);
             texts.push(text.clone());
-            if is_stored(&db, &sender.name, &text, Duration::from_secs(2)) {
-                last_stored.push(text);
+            if is_stored(&messages, &sender.name, &text, Duration::from_secs(2)) {
                 break;
             }
             assert!(Instant::now() < deadline, "saving never resumed");
@@ -666,7 +732,6 @@ fn a_database_restart_loses_and_repeats_no_stored_message() {
             );
         }
     }
-    let _ = last_stored;
 }
 
 /// A change stream's history is lost mid-run (the database answers a `getMore` with error 286,
@@ -784,7 +849,7 @@ fn cluster_mode_refuses_to_start_where_it_cannot_work() {
 
     let out = run_server(&["--cluster", "--no-persist"]);
     assert_eq!(out.status.code(), Some(2), "--cluster --no-persist");
-    let good_uri = format!("mongodb://127.0.0.1:{}", free_port());
+    let nowhere = format!("mongodb://127.0.0.1:{}", free_port());
     for bad in [
         vec!["--node-id", "has space"],
         vec!["--node-id", ""],
@@ -792,7 +857,7 @@ fn cluster_mode_refuses_to_start_where_it_cannot_work() {
         vec!["--heartbeat-interval", "0.05"],
         vec!["--heartbeat-interval", "soon"],
     ] {
-        let mut args = vec!["--cluster", "--mongo-uri", &good_uri];
+        let mut args = vec!["--cluster", "--mongo-uri", &nowhere];
         args.extend(bad.iter().copied());
         let out = run_server(&args);
         assert_eq!(
@@ -806,7 +871,7 @@ fn cluster_mode_refuses_to_start_where_it_cannot_work() {
     let out = run_server(&[
         "--cluster",
         "--mongo-uri",
-        &good_uri,
+        &nowhere,
         "--mongo-timeout-ms",
         "500",
     ]);
@@ -909,5 +974,12 @@ fn an_unsaved_message_reaches_no_other_node() {
         .map(|d| d.get_str("content").unwrap().to_string())
         .collect();
     assert_eq!(contents, ["stored"]);
+
+    alice.send("/me waves");
+    assert_eq!(
+        bob.wait_for(|l| l.starts_with("* alice")),
+        "* alice waves",
+        "a remote action reads as a local one"
+    );
     drop((n1, n2));
 }
