@@ -192,6 +192,13 @@ impl ServerProcess {
         assert!(status.success(), "kill {signal} failed");
     }
 
+    /// The exit status if the server has exited (it is then reaped), `None` while it runs.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("wait for server")?;
+        self.child = None;
+        Some(status)
+    }
+
     /// Waits up to `DEADLINE` for the server to exit by itself; returns its exit code.
     pub fn wait_exit(&mut self) -> Option<i32> {
         let child = self.child.as_mut().expect("running");
