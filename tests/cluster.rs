@@ -371,11 +371,12 @@ fn every_client_gets_every_other_clients_messages_once_in_order() {
     }
 
     // Each node counts the 4 × K messages of the other nodes' clients among those it delivered,
-    // and knows of 3 live nodes.
+    // and knows of 3 live nodes; the heartbeats kept every stream from looking stalled.
     for (chat, _) in finished.iter_mut().step_by(2) {
         let figures = stats_until(chat, "nodes=3", |f| figure(f, "nodes") == 3);
         assert!(figure(&figures, "remote_in") >= 4 * K as u64, "{figures:?}");
         assert_eq!(figure(&figures, "missed_gaps"), 0, "{figures:?}");
+        assert_eq!(figure(&figures, "stream_stalls"), 0, "{figures:?}");
     }
     drop(nodes);
 }
@@ -879,7 +880,8 @@ fn run_server(args: &[&str]) -> Output {
 
 /// `--cluster` refuses to start where it cannot work: against a database without change
 /// streams (a standalone server: exit 2 naming the replica set), without persistence, with a
-/// bad node id or heartbeat (exit 2), or with the database unreachable (exit 1).
+/// bad node id or heartbeat (exit 2), or with the database unreachable (exit 1); and the
+/// cluster flags are refused without `--cluster` (exit 2).
 #[test]
 fn cluster_mode_refuses_to_start_where_it_cannot_work() {
     let standalone = TestDb::start_own_standalone();
@@ -898,6 +900,10 @@ fn cluster_mode_refuses_to_start_where_it_cannot_work() {
 
     let out = run_server(&["--cluster", "--no-persist"]);
     assert_eq!(out.status.code(), Some(2), "--cluster --no-persist");
+    for alone in [["--node-id", "n1"], ["--heartbeat-interval", "2"]] {
+        let out = run_server(&[alone[0], alone[1], "--no-persist"]);
+        assert_eq!(out.status.code(), Some(2), "{alone:?} without --cluster");
+    }
     let nowhere = format!("mongodb://127.0.0.1:{}", free_port());
     for bad in [
         vec!["--node-id", "has space"],
