@@ -1038,3 +1038,47 @@ fn an_unsaved_message_reaches_no_other_node() {
     );
     drop((n1, n2));
 }
+
+/// A killed node started again under its id drops its earlier users at once (not after their
+/// expiry): they leave `/who` elsewhere, are announced as gone, and their nicks are free.
+#[test]
+fn a_node_restarted_under_its_id_replaces_its_old_users() {
+    let db = TestDb::start_own();
+    let n1 = start_node(&db, "n1");
+    let mut n2 = start_node(&db, "n2");
+    let mut watcher = Chat::named(n1.addr, "watcher");
+    let _victims = [Chat::named(n2.addr, "v1"), Chat::named(n2.addr, "v2")];
+    let mut seen = Vec::new();
+    who_until(&mut watcher, &mut seen, DEADLINE, |e| e.len() == 3);
+    n2.process.signal("-KILL");
+    n2.process.wait_exit();
+
+    let again = start_node(&db, "n2");
+    let mut back = Chat::connect(again.addr);
+    let renamed = format!("* {} is now v1", back.name);
+    back.send("/nick v1");
+    assert_eq!(
+        back.wait_for(|l| l.starts_with("! ") || l == renamed),
+        renamed,
+        "the old v1 left with its node's restart"
+    );
+    let v1_again = ("v1".to_string(), "n2".to_string());
+    let entries = who_until(&mut watcher, &mut seen, DEADLINE, |e| {
+        e.len() == 2 && e.contains(&v1_again)
+    });
+    assert_eq!(entries[0], ("watcher".to_string(), "n1".to_string()));
+    seen.extend(receive(&mut watcher, DEADLINE, |_| true).other);
+    let left: Vec<String> = seen
+        .iter()
+        .filter_map(|l| presence_names(l, "left"))
+        .flatten()
+        .collect();
+    assert!(
+        left.contains(&"v1".to_string()) && left.contains(&"v2".to_string()),
+        "{seen:?}"
+    );
+    assert_eq!(
+        who(&mut back, &mut seen),
+        [v1_again, ("watcher".to_string(), "n1".to_string())]
+    );
+}
