@@ -1039,6 +1039,58 @@ fn an_unsaved_message_reaches_no_other_node() {
     drop((n1, n2));
 }
 
+/// A backfill after a busy minute: more than 10 000 messages from another node arrived within
+/// the last 60 s (about 170 a second), all delivered. Then the stream's history is lost while
+/// one more message is stored (the failing `getMore` hangs 2 s first, so the message is in no
+/// stream): the backfill must find it, and say nothing of a gap.
+#[test]
+fn a_backfill_after_a_busy_minute_still_finds_the_missed_message() {
+    let bulk = 10_050;
+    let db = TestDb::start_own();
+    let node = start_node(&db, "n1");
+    let mut reader = Chat::named(node.addr, "reader");
+    let messages = db.messages();
+    let document = |content: String| {
+        doc! {
+            "_id": bson::oid::ObjectId::new(), "content": content, "ip": "127.0.0.1", "port": 1,
+            "nick": "elsewhere", "node": "n9", "timestamp": bson::DateTime::now(),
+        }
+    };
+    messages
+        .insert_many((0..bulk).map(|n| document(format!("b {n}"))))
+        .run()
+        .expect("store the busy minute");
+    let got = receive(&mut reader, DELIVERY_WITHIN, |got| {
+        got.from("elsewhere").len() >= bulk
+    });
+    assert_eq!(got.from("elsewhere").len(), bulk);
+
+    db.client()
+        .database("admin")
+        .run_command(doc! {
+            "configureFailPoint": "failCommand", "mode": { "times": 1 },
+            "data": {
+                "failCommands": ["getMore"], "errorCode": 286,
+                "blockConnection": true, "blockTimeMS": 2000,
+            },
+        })
+        .run()
+        .unwrap();
+    // The `getMore` in flight (it waits up to 0.5 s for events) ends first; the next one hangs.
+    thread::sleep(Duration::from_millis(800));
+    messages
+        .insert_one(document("in the gap".to_string()))
+        .run()
+        .unwrap();
+    let got = receive(&mut reader, DEADLINE, |got| {
+        got.from("elsewhere").len() == 1 || got.other.iter().any(|l| l == MISSED)
+    });
+    let figures = stats(&mut reader);
+    assert_eq!(figure(&figures, "backfills"), 1, "{figures:?}");
+    assert_eq!(got.from("elsewhere"), ["in the gap"], "{:?}", got.other);
+    assert!(!got.other.iter().any(|l| l == MISSED), "{:?}", got.other);
+}
+
 /// A killed node started again under its id drops its earlier users at once (not after their
 /// expiry): they leave `/who` elsewhere, are announced as gone, and their nicks are free.
 #[test]
