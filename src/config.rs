@@ -825,6 +825,42 @@ mod tests {
     }
 
     #[test]
+    fn cluster_flags() {
+        assert_eq!(run(server(&[], None)).cluster, None);
+        let named = run(server(
+            &[
+                "--cluster",
+                "--node-id",
+                "eu-1",
+                "--heartbeat-interval",
+                "0.5",
+            ],
+            None,
+        ));
+        assert_eq!(
+            named.cluster,
+            Some(ClusterConfig {
+                node_id: "eu-1".to_string(),
+                heartbeat: Duration::from_millis(500),
+            })
+        );
+        let random = run(server(&["--cluster"], None)).cluster.unwrap();
+        assert_eq!(random.heartbeat, DEFAULT_HEARTBEAT_INTERVAL);
+        assert_eq!(random.node_id.len(), 8);
+        assert!(random.node_id.chars().all(|c| c.is_ascii_hexdigit()));
+        for bad in [
+            &["--cluster", "--no-persist"][..],
+            &["--node-id", "n1"],
+            &["--heartbeat-interval", "5"],
+            &["--cluster", "--node-id", "a/b"],
+            &["--cluster", "--node-id", ""],
+            &["--cluster", "--heartbeat-interval", "0"],
+        ] {
+            assert!(server(bad, None).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn tls_limits_and_stats_flags() {
         let config = run(server(&[], None));
         assert!(config.plain && config.tls.is_none());
@@ -1161,6 +1197,9 @@ mod tests {
             "--persist-queue",
             "--persist-queue-bytes",
             "--no-persist",
+            "--cluster",
+            "--node-id",
+            "--heartbeat-interval",
         ] {
             assert!(SERVER_HELP.contains(flag), "{flag} missing from --help");
         }

@@ -26,6 +26,8 @@
 //!   programs call it (the server binary, benches), never the library on its own.
 //! - [`persist`]: the persistence queue and thread, the stored document; inside it the batch
 //!   watchdog and the driver calls (`store`).
+//! - [`cluster`]: `--cluster`: the change-stream watcher and the presence writer threads,
+//!   which reach the loop through the same inbox (the loop side is the server's roster).
 //! - [`client`]: the terminal client (plain or TLS; `--command` for scripts).
 //! - [`log`]: timestamped stderr logging.
 

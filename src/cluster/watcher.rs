@@ -551,3 +551,40 @@ fn describe_full(err: &DbError) -> String {
         _ => describe(err),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::RemoteMessage;
+
+    fn message(millis: i64) -> StoredMessage {
+        StoredMessage {
+            id: ObjectId::new(),
+            millis,
+            message: RemoteMessage {
+                node: "n2".to_string(),
+                nick: "bob".to_string(),
+                content: "hi".to_string(),
+                action: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_message_is_delivered_once_and_remembered_within_the_backfill_window() {
+        let mut delivered = Delivered::default();
+        let first = message(1_000);
+        assert!(delivered.remember(&first));
+        assert!(!delivered.remember(&first), "delivered twice");
+        // A backfill reaches BACKFILL_MARGIN_MS behind the newest: still remembered there.
+        let later = message(1_000 + BACKFILL_MARGIN_MS);
+        assert!(delivered.remember(&later));
+        assert!(!delivered.is_new(&first));
+        assert_eq!(delivered.newest_millis, Some(1_000 + BACKFILL_MARGIN_MS));
+        // Far older than any backfill reaches: forgotten, so memory stays bounded.
+        let much_later = message(1_000 + 3 * BACKFILL_MARGIN_MS);
+        assert!(delivered.remember(&much_later));
+        assert!(delivered.is_new(&first));
+        assert!(!delivered.is_new(&much_later));
+    }
+}

@@ -189,7 +189,9 @@ impl<S: ClusterSink> Writer<S> {
     }
 
     /// The node's heartbeat, its clients' refresh, and the sweep of nodes gone silent; first
-    /// every local client again if a write failed since the last one.
+    /// every local client again if a write failed since the last one, or if the refresh found
+    /// fewer documents than clients (another node swept them out while the database was slow
+    /// for this one).
     async fn heartbeat(&mut self) {
         if std::mem::take(&mut self.out_of_date) {
             self.write_all_clients().await;
@@ -197,18 +199,20 @@ impl<S: ClusterSink> Writer<S> {
         let now = DateTime::now();
         let node = node_document(&self.node, self.interval, now);
         let interval = self.interval;
-        self.write("write the heartbeat", |presence, node_id| async move {
-            presence
-                .replace_one(doc! { "_id": &node_id }, node)
-                .upsert(true)
-                .await?;
-            let mine = doc! { "kind": "client", "node": node_id };
-            presence
-                .update_many(mine, refresh(interval, now))
-                .await
-                .map(drop)
-        })
-        .await;
+        let refreshed = self
+            .write("write the heartbeat", |presence, node_id| async move {
+                presence
+                    .replace_one(doc! { "_id": &node_id }, node)
+                    .upsert(true)
+                    .await?;
+                let mine = doc! { "kind": "client", "node": node_id };
+                let result = presence.update_many(mine, refresh(interval, now)).await?;
+                Ok(result.matched_count)
+            })
+            .await;
+        if refreshed.is_some_and(|count| count < self.local.len() as u64) {
+            self.write_all_clients().await;
+        }
         // Nodes that stopped without a word (their documents are past `expires`).
         self.write("sweep out silent nodes", |presence, _| async move {
             let stale = doc! { "expires": { "$lt": now } };
@@ -262,17 +266,21 @@ impl<S: ClusterSink> Writer<S> {
     }
 
     /// Runs `write` on the presence collection; a failure is logged and marks it out of date.
-    async fn write<F, Fut>(&mut self, what: &str, write: F)
+    async fn write<T, F, Fut>(&mut self, what: &str, write: F) -> Option<T>
     where
         F: FnOnce(Collection<Document>, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(), DbError>>,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
     {
         let result = match self.collection().await {
             Ok(presence) => write(presence.clone(), self.node.clone()).await,
             Err(err) => Err(err),
         };
-        if let Err(err) = result {
-            self.failed(what, &err);
+        match result {
+            Ok(value) => Some(value),
+            Err(err) => {
+                self.failed(what, &err);
+                None
+            }
         }
     }
 

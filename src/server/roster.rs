@@ -5,10 +5,12 @@
 //! nodes are delivered like local chat, their clients' joins, leaves and renames go through
 //! the same coalesced presence notices, and `/who` lists every node's clients with their node.
 //!
-//! A node is gone when it removes its heartbeat (a clean stop), when a sweep removes it, or
-//! when 3 of its heartbeat intervals pass without one while this node's own heartbeats keep
-//! arriving: if this node's stream stalls, every node would look silent, so silence is judged
-//! against our own heartbeat, never against the clock alone.
+//! A node is gone when it removes its heartbeat (a clean stop) or a sweep removes it. When 3
+//! of its heartbeat intervals pass without one (while this node's own heartbeats keep
+//! arriving: if this node's stream stalls, every node would look silent), it is taken for
+//! silent: its users are announced as gone and left out of `/who`, but remembered, and if
+//! its heartbeat comes back (the database was slow for it, not the node dead), they are
+//! announced again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -41,8 +43,10 @@ pub struct Roster {
 struct Node {
     interval: Duration,
     last_heard: Instant,
-    /// Its clients in the order they joined: presence `_id` and nick.
-    clients: Vec<(String, String)>,
+    /// Taken for gone after 3 intervals without a heartbeat; its clients are not shown.
+    silent: bool,
+    /// Its clients by connection id (the order they connected in), with their nicks.
+    clients: BTreeMap<u64, String>,
 }
 
 impl Node {
@@ -50,9 +54,16 @@ impl Node {
         Node {
             interval,
             last_heard: now,
-            clients: Vec::new(),
+            silent: false,
+            clients: BTreeMap::new(),
         }
     }
+}
+
+/// The node and connection id in a client's presence key (`node/id`).
+fn parse_key(key: &str) -> Option<(&str, u64)> {
+    let (node, id) = key.split_once('/')?;
+    Some((node, id.parse().ok()?))
 }
 
 impl Roster {
@@ -109,7 +120,7 @@ impl Roster {
         let get = ClusterFigures::get;
         format!(
             " nodes={} remote_in={} stream_stalls={} stream_resumes={} backfills={} missed_gaps={}",
-            self.nodes.len() + 1,
+            self.nodes.values().filter(|node| !node.silent).count() + 1,
             self.remote_in,
             get(&figures.stream_stalls),
             get(&figures.stream_resumes),
@@ -129,7 +140,9 @@ impl Roster {
         for event in events {
             match event {
                 StreamEvent::Message(message) => self.deliver(room, presence, &message, now),
-                StreamEvent::Heartbeat { node, interval } => self.heartbeat(node, interval, now),
+                StreamEvent::Heartbeat { node, interval } => {
+                    self.heartbeat(room, presence, (node, interval), now)
+                }
                 StreamEvent::NodeGone { node } => self.node_gone(room, presence, &node, now),
                 StreamEvent::ClientJoined { key, node, nick } => {
                     self.client_joined(room, presence, (key, node, nick), now)
@@ -147,23 +160,28 @@ impl Roster {
         }
     }
 
-    /// Takes nodes silent for 3 of their heartbeat intervals for gone, judged against this
-    /// node's own heartbeat (see the module docs).
+    /// Takes nodes silent for 3 of their heartbeat intervals for gone, while this node's own
+    /// heartbeats come through (see the module docs).
     pub fn check_nodes(&mut self, room: &mut Room, presence: &mut Presence, now: Instant) {
         if now < self.next_check {
             return;
         }
         self.next_check = now + CHECK_EVERY;
-        let Some(own) = self.own_heard else { return };
-        let silent: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(_, node)| node.last_heard + node.interval * CLUSTER_SILENT_INTERVALS < own)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for node in silent {
-            crate::warn!("cluster: node {node} has gone silent; its users are taken for gone");
-            self.node_gone(room, presence, &node, now);
+        let own_stream_flows = self
+            .own_heard
+            .is_some_and(|heard| now <= heard + self.cluster.heartbeat() * 2);
+        if !own_stream_flows {
+            return;
+        }
+        for (id, node) in &mut self.nodes {
+            let overdue = now > node.last_heard + node.interval * CLUSTER_SILENT_INTERVALS;
+            if overdue && !node.silent {
+                crate::warn!("cluster: node {id} has gone silent; its users are taken for gone");
+                node.silent = true;
+                for nick in node.clients.values() {
+                    presence.remote_left(room, nick, now);
+                }
+            }
         }
     }
 
@@ -190,7 +208,13 @@ impl Roster {
         self.remote_in += 1;
     }
 
-    fn heartbeat(&mut self, node: String, interval: Duration, now: Instant) {
+    fn heartbeat(
+        &mut self,
+        room: &mut Room,
+        presence: &mut Presence,
+        (node, interval): (String, Duration),
+        now: Instant,
+    ) {
         if node == self.node_id() {
             self.own_heard = Some(now);
             return;
@@ -201,14 +225,20 @@ impl Roster {
             .or_insert_with(|| Node::new(interval, now));
         entry.interval = interval;
         entry.last_heard = now;
+        if std::mem::take(&mut entry.silent) {
+            crate::info!("cluster: a silent node is back; its users are shown again");
+            for nick in entry.clients.values() {
+                presence.remote_joined(room, nick, now);
+            }
+        }
     }
 
     fn node_gone(&mut self, room: &mut Room, presence: &mut Presence, node: &str, now: Instant) {
-        let Some(gone) = self.nodes.remove(node) else {
+        let Some(gone) = self.nodes.remove(node).filter(|gone| !gone.silent) else {
             return;
         };
-        for (_, nick) in gone.clients {
-            presence.remote_left(room, &nick, now);
+        for nick in gone.clients.values() {
+            presence.remote_left(room, nick, now);
         }
     }
 
@@ -219,13 +249,17 @@ impl Roster {
         (key, node, nick): (String, String, String),
         now: Instant,
     ) {
-        let interval = self.cluster_interval();
+        let Some((_, id)) = parse_key(&key) else {
+            return;
+        };
+        let interval = self.cluster.heartbeat();
         let entry = self
             .nodes
             .entry(node)
             .or_insert_with(|| Node::new(interval, now));
-        match entry.clients.iter_mut().find(|(known, _)| *known == key) {
-            Some((_, old)) if *old != nick => {
+        match entry.clients.get_mut(&id) {
+            Some(old) if entry.silent => *old = nick,
+            Some(old) if *old != nick => {
                 let old = std::mem::replace(old, nick.clone());
                 presence.announce_remote_join(room, &old, now);
                 presence.before_name_taken(room, &nick, now);
@@ -233,24 +267,24 @@ impl Roster {
             }
             Some(_) => {} // written again with the same nick (a node catching up)
             None => {
-                entry.clients.push((key, nick.clone()));
-                presence.remote_joined(room, &nick, now);
+                entry.clients.insert(id, nick.clone());
+                if !entry.silent {
+                    presence.remote_joined(room, &nick, now);
+                }
             }
         }
     }
 
     fn client_left(&mut self, room: &mut Room, presence: &mut Presence, key: &str, now: Instant) {
-        let Some((node, _)) = key.split_once('/') else {
+        let Some((node, id)) = parse_key(key) else {
             return;
         };
         let Some(entry) = self.nodes.get_mut(node) else {
             return;
         };
-        let Some(at) = entry.clients.iter().position(|(known, _)| known == key) else {
-            return;
-        };
-        let (_, nick) = entry.clients.remove(at);
-        presence.remote_left(room, &nick, now);
+        if let Some(nick) = entry.clients.remove(&id).filter(|_| !entry.silent) {
+            presence.remote_left(room, &nick, now);
+        }
     }
 
     /// Replaces what is known of the other nodes with a snapshot; with `announce`, clients
@@ -268,50 +302,44 @@ impl Roster {
             .map(|(id, interval)| (id, Node::new(interval, now)))
             .collect();
         for client in clients {
-            if let Some(node) = fresh.get_mut(&client.node) {
-                node.clients.push((client.key, client.nick));
+            let id = parse_key(&client.key).map(|(_, id)| id);
+            if let (Some(node), Some(id)) = (fresh.get_mut(&client.node), id) {
+                node.clients.insert(id, client.nick);
             }
         }
         let old = std::mem::replace(&mut self.nodes, fresh);
         if !announce {
             return;
         }
-        for (_, nick) in old.values().flat_map(|node| &node.clients) {
-            if !self.knows(nick) {
-                presence.remote_left(room, nick, now);
+        // Shown: held by a node that is not silent (a silent node's users were announced gone).
+        let shown = |nodes: &BTreeMap<String, Node>, node: &str, id: &u64| {
+            nodes
+                .get(node)
+                .is_some_and(|n| !n.silent && n.clients.contains_key(id))
+        };
+        for (node, was) in old.iter().filter(|(_, was)| !was.silent) {
+            for (id, nick) in &was.clients {
+                if !shown(&self.nodes, node, id) {
+                    presence.remote_left(room, nick, now);
+                }
             }
         }
-        let known_before = |key: &str| {
-            old.values()
-                .any(|node| node.clients.iter().any(|(k, _)| k == key))
-        };
-        let joined: Vec<String> = self
-            .nodes
-            .values()
-            .flat_map(|node| &node.clients)
-            .filter(|(key, _)| !known_before(key))
-            .map(|(_, nick)| nick.clone())
-            .collect();
-        for nick in joined {
-            presence.remote_joined(room, &nick, now);
+        for (node, is) in &self.nodes {
+            for (id, nick) in &is.clients {
+                if !shown(&old, node, id) {
+                    presence.remote_joined(room, nick, now);
+                }
+            }
         }
     }
 
-    fn knows(&self, nick: &str) -> bool {
-        self.remote_clients().any(|(_, known)| known == nick)
-    }
-
-    /// (node, nick) of every client of the other nodes.
+    /// (node, nick) of every client of the other nodes, leaving out silent ones.
     fn remote_clients(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.nodes.iter().flat_map(|(id, node)| {
+        let shown = self.nodes.iter().filter(|(_, node)| !node.silent);
+        shown.flat_map(|(id, node)| {
             node.clients
-                .iter()
-                .map(move |(_, nick)| (id.as_str(), nick.as_str()))
+                .values()
+                .map(move |nick| (id.as_str(), nick.as_str()))
         })
-    }
-
-    /// The interval to assume for a node not heard from yet: this node's own.
-    fn cluster_interval(&self) -> Duration {
-        self.cluster.heartbeat()
     }
 }
