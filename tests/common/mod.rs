@@ -248,6 +248,8 @@ pub struct TestDb {
     /// Data directory of an on-disk database, which keeps its data across `restart`; `None`
     /// for an in-memory one, which starts empty each time.
     data_dir: Option<PathBuf>,
+    /// Started with `--standalone`: no replica set, so no change streams.
+    standalone: bool,
 }
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -271,6 +273,7 @@ impl TestDb {
                 process: None,
                 owned: false,
                 data_dir: None,
+                standalone: false,
             },
             _ => TestDb::start_own(),
         }
@@ -294,7 +297,17 @@ impl TestDb {
             process: None,
             owned: true,
             data_dir: None,
+            standalone: false,
         }
+    }
+
+    /// A SecantusDB of this test's own that presents itself as a standalone server instead of
+    /// a one-member replica set, as a plain `mongod` would: it serves no change streams.
+    pub fn start_own_standalone() -> TestDb {
+        let mut db = TestDb::reserve_own();
+        db.standalone = true;
+        db.restart();
+        db
     }
 
     /// Like `start_own`, but the data is kept on disk, so what was stored before a `kill`
@@ -361,6 +374,7 @@ impl TestDb {
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--storage-path", &storage, "--enable-test-commands"])
             .args(["--log-level", "WARNING"])
+            .args(self.standalone.then_some("--standalone"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -436,6 +450,18 @@ impl TestDb {
         self.insert_failpoint(
             millis.map(|millis| doc! { "blockConnection": true, "blockTimeMS": millis }),
         );
+    }
+
+    /// Makes the next `times` `command`s (any client's) fail with `code`, then turns itself off.
+    pub fn fail_next(&self, command: &str, code: i32, times: i32) {
+        let data = doc! { "failCommands": [command], "errorCode": code };
+        self.client()
+            .database("admin")
+            .run_command(doc! {
+                "configureFailPoint": "failCommand", "mode": { "times": times }, "data": data,
+            })
+            .run()
+            .expect("configureFailPoint (is the server started with --enable-test-commands?)");
     }
 
     /// Turns the `failCommand` failpoint on for inserts with `behaviour`, or off with `None`.

@@ -100,8 +100,15 @@ pub fn spawn_server_with_ports(shell_prefix: &str, flags: &str) -> (ServerProces
         child: Some(child),
         log,
         listening: String::new(),
+        before_listening: Vec::new(),
     };
-    let line = server.wait_for_log(|line| line.contains(marker));
+    let mut before = Vec::new();
+    let line = server.wait_for_log(|line| {
+        before.push(line.to_string());
+        line.contains(marker)
+    });
+    before.pop();
+    server.before_listening = before;
     server.listening = line.clone();
     // `listening on 127.0.0.1:PORT (backlog 1024)`
     let addr = line.split(marker).nth(1).unwrap();
@@ -115,6 +122,8 @@ pub struct ServerProcess {
     log: mpsc::Receiver<String>,
     /// The start line, `… INFO  listening on ADDR (backlog N)`.
     pub listening: String,
+    /// The log lines before that one, without their time stamps (`INFO  …`).
+    pub before_listening: Vec<String>,
 }
 
 impl ServerProcess {
@@ -125,6 +134,7 @@ impl ServerProcess {
             child: Some(child),
             log: mpsc::channel().1,
             listening: String::new(),
+            before_listening: Vec::new(),
         }
     }
 
@@ -180,6 +190,13 @@ impl ServerProcess {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// The exit status if the server has exited (it is then reaped), `None` while it runs.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("wait for server")?;
+        self.child = None;
+        Some(status)
     }
 
     /// Waits up to `DEADLINE` for the server to exit by itself; returns its exit code.
