@@ -205,7 +205,7 @@ fn interval_of(document: &Document) -> Duration {
 
 /// Everyone on the other nodes, from the presence collection's documents, leaving out those
 /// past `expires` at `now` (a node that stopped without a word and was not swept out yet).
-pub fn snapshot(documents: &[Document], me: &str, now: DateTime) -> StreamEvent {
+pub fn snapshot(documents: &[Document], me: &str, now: DateTime, announce: bool) -> StreamEvent {
     let fresh = |document: &&Document| {
         document
             .get_datetime("expires")
@@ -239,7 +239,7 @@ pub fn snapshot(documents: &[Document], me: &str, now: DateTime) -> StreamEvent 
     StreamEvent::Snapshot {
         clients,
         nodes,
-        announce: true,
+        announce,
     }
 }
 
@@ -289,7 +289,8 @@ mod tests {
             node_document("n1", interval, then),
             client_document("n1", 1, "me", true, interval, then),
         ];
-        let StreamEvent::Snapshot { clients, nodes, .. } = snapshot(&documents, "n1", now) else {
+        let StreamEvent::Snapshot { clients, nodes, .. } = snapshot(&documents, "n1", now, true)
+        else {
             panic!("a snapshot");
         };
         assert_eq!(nodes, vec![("n2".to_string(), interval)]);

@@ -14,7 +14,7 @@
 //! forwarder waits on the inbox, this thread waits on the channel, and the stream (the
 //! database) holds the rest. Nothing is dropped.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
@@ -149,6 +149,9 @@ struct Watcher {
     last_heard: Instant,
     /// A stall was logged and nothing has been heard since.
     stalled: bool,
+    /// Who is on the other nodes must be read (again): `Some(announce)`. Retried with every
+    /// empty batch until it works, since joins before it are in no later event.
+    snapshot_due: Option<bool>,
     events: SyncSender<StreamEvent>,
     figures: Arc<ClusterFigures>,
     stop: Arc<AtomicBool>,
@@ -183,6 +186,7 @@ impl Watcher {
             started_millis: DateTime::now().timestamp_millis(),
             last_heard: Instant::now(),
             stalled: false,
+            snapshot_due: Some(false),
             events,
             figures,
             stop,
@@ -197,14 +201,7 @@ impl Watcher {
         watcher.token = stream.resume_token();
         let _ = ready.send(Ok(()));
         // Who is already on the other nodes; their later joins and leaves come as events.
-        if let Ok(StreamEvent::Snapshot { clients, nodes, .. }) = watcher.snapshot().await {
-            let initial = StreamEvent::Snapshot {
-                clients,
-                nodes,
-                announce: false,
-            };
-            watcher.send(initial).ok()?;
-        }
+        watcher.read_snapshot_if_due().await.ok()?;
         Some((watcher, stream))
     }
 
@@ -219,7 +216,11 @@ impl Watcher {
                 Err(_) => self.on_silence("a request to the database did not return"),
             };
             match outcome {
-                Ok(None) => {}
+                Ok(None) => {
+                    if self.read_snapshot_if_due().await.is_err() {
+                        return;
+                    }
+                }
                 Ok(Some(next)) => match self.recover(next).await {
                     Ok(replaced) => stream = replaced,
                     Err(Stopped) => return,
@@ -318,6 +319,7 @@ impl Watcher {
                 Ok(stream) => {
                     ClusterFigures::add(&self.figures.stream_resumes);
                     info!("cluster: change stream resumed");
+                    self.last_heard = Instant::now();
                     return Ok(Ok(stream));
                 }
                 Err(err) if resume_impossible(&err) => return Ok(Err(describe_full(&err))),
@@ -357,31 +359,45 @@ impl Watcher {
         // Opened before reading back, so nothing stored in between is missed: what both see
         // is delivered once, by `_id`.
         self.token = stream.resume_token();
-        self.last_heard = Instant::now();
-        match self.snapshot().await {
-            Ok(snapshot) => self.send(snapshot)?,
-            Err(err) => warn!(
-                "cluster: could not read who is on the other nodes ({}); their next heartbeats and joins fill it in",
-                describe(&err)
-            ),
-        }
+        self.snapshot_due = Some(true);
+        self.read_snapshot_if_due().await?;
         self.backfill().await?;
+        self.last_heard = Instant::now();
         Ok(stream)
     }
 
-    /// Delivers every message from other nodes since the newest delivered (with the margin),
-    /// skipping those already delivered. Tells clients of a gap if it cannot: the database
-    /// failed three times, or more than `MAX_BACKFILL` messages were missed.
+    /// Reads who is on the other nodes if that is due; if the database cannot answer, it stays
+    /// due (and is logged once).
+    async fn read_snapshot_if_due(&mut self) -> Result<(), Stopped> {
+        let Some(announce) = self.snapshot_due else {
+            return Ok(());
+        };
+        match self.snapshot(announce).await {
+            Ok(snapshot) => {
+                self.snapshot_due = None;
+                self.send(snapshot)
+            }
+            Err(err) => {
+                if !self.stalled {
+                    warn!(
+                        "cluster: could not read who is on the other nodes ({}); trying again",
+                        describe(&err)
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Delivers every message from other nodes missed since the last one delivered from each
+    /// (see `Delivered::since`), skipping those already delivered. Tells clients of a gap if
+    /// it cannot: the database failed three times, or more than `MAX_BACKFILL` were missed.
     async fn backfill(&mut self) -> Result<(), Stopped> {
-        let from = self
-            .delivered
-            .newest_millis
-            .map_or(self.started_millis, |newest| newest - BACKFILL_MARGIN_MS)
-            .max(self.started_millis);
+        let filter = self.delivered.since(&self.me, self.started_millis);
         let mut complete = false;
         let mut found = 0;
         for attempt in 1..=3 {
-            match self.deliver_stored_since(from, &mut found).await? {
+            match self.deliver_stored(filter.clone(), &mut found).await? {
                 Ok(all) => {
                     complete = all;
                     break;
@@ -404,19 +420,16 @@ impl Watcher {
         Ok(())
     }
 
-    /// Reads the messages of other nodes stamped at `from` or later, in `(timestamp, _id)`
-    /// order, and delivers those not delivered yet, counting them in `found`. The whole window
-    /// is read (those already delivered are most of it under load); Ok(false) if more than
-    /// `MAX_BACKFILL` were missing. A retry after an error skips what this one delivered.
-    async fn deliver_stored_since(
+    /// Reads the messages `filter` selects in `(timestamp, _id)` order (per sender, the order
+    /// they were sent in) and delivers those not delivered yet, counting them in `found`. The
+    /// whole window is read (those already delivered are most of it under load); Ok(false) if
+    /// more than `MAX_BACKFILL` were missing. A retry after an error skips what this one
+    /// delivered.
+    async fn deliver_stored(
         &mut self,
-        from: i64,
+        filter: Document,
         found: &mut usize,
     ) -> Result<Result<bool, DbError>, Stopped> {
-        let filter = doc! {
-            "node": { "$exists": true, "$ne": &self.me },
-            "timestamp": { "$gte": DateTime::from_millis(from) },
-        };
         let cursor = self
             .database
             .collection::<Document>(&self.messages)
@@ -453,7 +466,7 @@ impl Watcher {
     }
 
     /// Everyone on the other nodes now.
-    async fn snapshot(&self) -> Result<StreamEvent, DbError> {
+    async fn snapshot(&self, announce: bool) -> Result<StreamEvent, DbError> {
         let mut cursor = self
             .database
             .collection::<Document>(&self.presence)
@@ -464,7 +477,12 @@ impl Watcher {
         while cursor.advance().await? {
             found.push(cursor.deserialize_current()?);
         }
-        Ok(documents::snapshot(&found, &self.me, DateTime::now()))
+        Ok(documents::snapshot(
+            &found,
+            &self.me,
+            DateTime::now(),
+            announce,
+        ))
     }
 
     async fn open(&self) -> Result<Stream, DbError> {
@@ -509,38 +527,78 @@ enum Recovery {
     Replace(String),
 }
 
-/// `_id`s of messages delivered lately, and the newest timestamp delivered.
+/// `_id`s of messages delivered lately, per sending node, with the first and newest
+/// timestamps delivered from it. Per node, because each node stamps with its own clock: one
+/// node's clock running ahead must not move another node's backfill window.
 #[derive(Default)]
 struct Delivered {
+    nodes: HashMap<String, FromNode>,
+}
+
+#[derive(Default)]
+struct FromNode {
     ids: HashSet<ObjectId>,
     order: VecDeque<(i64, ObjectId)>,
-    newest_millis: Option<i64>,
+    first_millis: i64,
+    newest_millis: i64,
 }
 
 impl Delivered {
     fn is_new(&self, message: &StoredMessage) -> bool {
-        !self.ids.contains(&message.id)
+        self.nodes
+            .get(&message.message.node)
+            .is_none_or(|node| !node.ids.contains(&message.id))
     }
 
     /// Notes a message as delivered; false if it already was.
     fn remember(&mut self, message: &StoredMessage) -> bool {
-        if !self.ids.insert(message.id) {
+        let node = match self.nodes.get_mut(&message.message.node) {
+            Some(node) => node,
+            None => self
+                .nodes
+                .entry(message.message.node.clone())
+                .or_insert(FromNode {
+                    first_millis: message.millis,
+                    newest_millis: message.millis,
+                    ..FromNode::default()
+                }),
+        };
+        if !node.ids.insert(message.id) {
             return false;
         }
-        self.order.push_back((message.millis, message.id));
-        let newest = self
-            .newest_millis
-            .map_or(message.millis, |n| n.max(message.millis));
-        self.newest_millis = Some(newest);
-        while let Some(&(millis, id)) = self.order.front() {
-            let too_old = millis < newest - 2 * BACKFILL_MARGIN_MS;
-            if !too_old && self.order.len() <= MAX_REMEMBERED {
+        node.order.push_back((message.millis, message.id));
+        node.newest_millis = node.newest_millis.max(message.millis);
+        let forget_below = node.newest_millis - 2 * BACKFILL_MARGIN_MS;
+        while let Some(&(millis, id)) = node.order.front() {
+            if millis >= forget_below && node.order.len() <= MAX_REMEMBERED {
                 break;
             }
-            self.order.pop_front();
-            self.ids.remove(&id);
+            node.order.pop_front();
+            node.ids.remove(&id);
         }
         true
+    }
+
+    /// What a backfill reads: from each node heard from, its messages since `BACKFILL_MARGIN_MS`
+    /// before the newest delivered (a node stores its messages in the order it stamps them, so
+    /// the margin is only for safety), but none from before the first delivered; from nodes not
+    /// heard from, everything since `started` (this node's clock: it began watching then).
+    fn since(&self, me: &str, started: i64) -> Document {
+        let mut clauses: Vec<Document> = self
+            .nodes
+            .iter()
+            .map(|(node, from)| {
+                let since = (from.newest_millis - BACKFILL_MARGIN_MS).max(from.first_millis);
+                doc! { "node": node, "timestamp": { "$gte": DateTime::from_millis(since) } }
+            })
+            .collect();
+        let mut heard: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+        heard.push(me);
+        clauses.push(doc! {
+            "node": { "$exists": true, "$nin": heard },
+            "timestamp": { "$gte": DateTime::from_millis(started) },
+        });
+        doc! { "$or": clauses }
     }
 }
 
@@ -577,12 +635,12 @@ mod tests {
     use super::*;
     use crate::cluster::RemoteMessage;
 
-    fn message(millis: i64) -> StoredMessage {
+    fn message(node: &str, millis: i64) -> StoredMessage {
         StoredMessage {
             id: ObjectId::new(),
             millis,
             message: RemoteMessage {
-                node: "n2".to_string(),
+                node: node.to_string(),
                 nick: "bob".to_string(),
                 content: "hi".to_string(),
                 action: false,
@@ -593,18 +651,52 @@ mod tests {
     #[test]
     fn a_message_is_delivered_once_and_remembered_within_the_backfill_window() {
         let mut delivered = Delivered::default();
-        let first = message(1_000);
+        let first = message("n2", 1_000);
         assert!(delivered.remember(&first));
         assert!(!delivered.remember(&first), "delivered twice");
         // A backfill reaches BACKFILL_MARGIN_MS behind the newest: still remembered there.
-        let later = message(1_000 + BACKFILL_MARGIN_MS);
+        let later = message("n2", 1_000 + BACKFILL_MARGIN_MS);
         assert!(delivered.remember(&later));
         assert!(!delivered.is_new(&first));
-        assert_eq!(delivered.newest_millis, Some(1_000 + BACKFILL_MARGIN_MS));
         // Far older than any backfill reaches: forgotten, so memory stays bounded.
-        let much_later = message(1_000 + 3 * BACKFILL_MARGIN_MS);
+        let much_later = message("n2", 1_000 + 3 * BACKFILL_MARGIN_MS);
         assert!(delivered.remember(&much_later));
         assert!(delivered.is_new(&first));
         assert!(!delivered.is_new(&much_later));
+    }
+
+    #[test]
+    fn each_node_has_its_own_backfill_window() {
+        let mut delivered = Delivered::default();
+        // n3's clock runs ten minutes ahead; n2's window must not move with it.
+        delivered.remember(&message("n2", 100_000));
+        delivered.remember(&message("n2", 200_000));
+        delivered.remember(&message("n3", 800_000));
+        let since = delivered.since("n1", 50_000);
+        let clauses = since.get_array("$or").unwrap();
+        let from = |node: &str| {
+            clauses
+                .iter()
+                .filter_map(|clause| clause.as_document())
+                .find(|clause| clause.get_str("node").ok() == Some(node))
+                .map(|clause| {
+                    let range = clause.get_document("timestamp").unwrap();
+                    range.get_datetime("$gte").unwrap().timestamp_millis()
+                })
+        };
+        // Within the margin of n2's newest, but not before its first.
+        assert_eq!(from("n2"), Some(200_000 - BACKFILL_MARGIN_MS));
+        assert_eq!(from("n3"), Some(800_000));
+        // Nodes not heard from: since this node began watching.
+        let others = clauses.last().unwrap().as_document().unwrap();
+        assert_eq!(
+            others
+                .get_document("node")
+                .unwrap()
+                .get_array("$nin")
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }
