@@ -335,7 +335,8 @@ Options:
                            - _ . [default: 8 random hex digits, logged at start]
   --heartbeat-interval SECS
                            with --cluster: how often this server says it is alive; a
-                           server silent for 3 intervals is taken for gone [default: 10]
+                           server silent for 3 intervals is taken for gone; 0.5 to 3600
+                           [default: 10]
   -h, --help               print this help
   -V, --version            print the version
 ";
@@ -620,9 +621,10 @@ fn cluster(
         None => random_node_id(),
     };
     let heartbeat_secs = heartbeat_secs.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL.as_secs_f64());
-    if !(0.1..=3600.0).contains(&heartbeat_secs) {
+    // Below half a second, a database pause of a second and a half takes live nodes for gone.
+    if !(0.5..=3600.0).contains(&heartbeat_secs) {
         return Err(ArgError(
-            "--heartbeat-interval: must be between 0.1 and 3600 seconds".to_string(),
+            "--heartbeat-interval: must be between 0.5 and 3600 seconds".to_string(),
         ));
     }
     Ok(Some(ClusterConfig {

@@ -255,14 +255,17 @@ impl Cluster {
     }
 
     /// Stops both threads. The writer first removes this node's presence documents, so the
-    /// other nodes see its users leave at once; it is given until `deadline` for that.
-    pub fn stop(mut self, deadline: Instant) {
+    /// other nodes see its users leave at once; it is given until `deadline` for that, while
+    /// `meanwhile` runs every few milliseconds (the loop empties its inbox there, so a thread
+    /// waiting to hand something over is never stuck behind a loop that no longer reads).
+    pub fn stop(mut self, deadline: Instant, mut meanwhile: impl FnMut()) {
         self.stop.store(true, Ordering::Release);
         drop(self.updates);
         let Some(writer) = self.writer.take() else {
             return;
         };
         while !writer.is_finished() && Instant::now() < deadline {
+            meanwhile();
             thread::sleep(Duration::from_millis(10));
         }
         if writer.is_finished() {

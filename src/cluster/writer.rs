@@ -6,6 +6,7 @@
 //! writes every local client again, so the other nodes catch up once the database is back.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
@@ -56,6 +57,8 @@ struct Writer<S> {
     local: BTreeMap<u64, (String, bool)>,
     /// A write failed: the next heartbeat writes every local client again.
     out_of_date: bool,
+    /// Writes are failing: logged once, until a heartbeat gets through again.
+    failing: bool,
     sink: S,
 }
 
@@ -69,6 +72,7 @@ impl<S: ClusterSink> Writer<S> {
             indexes_made: false,
             local: BTreeMap::new(),
             out_of_date: false,
+            failing: false,
             sink,
         }
     }
@@ -161,23 +165,21 @@ impl<S: ClusterSink> Writer<S> {
     async fn claim(&mut self, client: ClientRef, nick: String) {
         let document = self.client_document(client.id, &nick, true);
         let key = client_key(&self.node, client.id);
-        let result = match self.collection().await {
-            Ok(presence) => presence
-                .replace_one(doc! { "_id": key }, document)
-                .upsert(true)
-                .await
-                .map(drop),
-            Err(err) => Err(err),
-        };
-        let result = match result {
-            Ok(()) => {
+        let written = self
+            .attempt(|presence, _| async move {
+                let filter = doc! { "_id": key };
+                presence.replace_one(filter, document).upsert(true).await
+            })
+            .await;
+        let result = match written {
+            Ok(_) => {
                 self.local.insert(client.id, (nick.clone(), true));
                 Ok(())
             }
             Err(err) if is_duplicate(&err) => Err(ClaimRefused::Taken),
             Err(err) => {
                 self.failed("claim a nick", &err);
-                Err(ClaimRefused::Unsettled(describe(&err)))
+                Err(ClaimRefused::Unsettled(describe_failure(&err)))
             }
         };
         let answer = ClusterInput::NickClaimed {
@@ -188,14 +190,11 @@ impl<S: ClusterSink> Writer<S> {
         let _ = self.sink.send(answer);
     }
 
-    /// The node's heartbeat, its clients' refresh, and the sweep of nodes gone silent; first
-    /// every local client again if a write failed since the last one, or if the refresh found
-    /// fewer documents than clients (another node swept them out while the database was slow
-    /// for this one).
+    /// The node's heartbeat, its clients' refresh, and the sweep of nodes gone silent. Every
+    /// local client is written again if a write failed since the last heartbeat, or if the
+    /// refresh found fewer documents than clients (another node swept them out while the
+    /// database was slow for this one).
     async fn heartbeat(&mut self) {
-        if std::mem::take(&mut self.out_of_date) {
-            self.write_all_clients().await;
-        }
         let now = DateTime::now();
         let node = node_document(&self.node, self.interval, now);
         let interval = self.interval;
@@ -210,7 +209,8 @@ impl<S: ClusterSink> Writer<S> {
                 Ok(result.matched_count)
             })
             .await;
-        if refreshed.is_some_and(|count| count < self.local.len() as u64) {
+        let Some(refreshed) = refreshed else { return };
+        if std::mem::take(&mut self.out_of_date) || refreshed < self.local.len() as u64 {
             self.write_all_clients().await;
         }
         // Nodes that stopped without a word (their documents are past `expires`).
@@ -219,44 +219,71 @@ impl<S: ClusterSink> Writer<S> {
             presence.delete_many(stale).await.map(drop)
         })
         .await;
+        if !self.out_of_date && std::mem::take(&mut self.failing) {
+            info!("cluster: presence writes work again");
+        }
     }
 
-    /// Writes every local client's document (after the database was away) and removes this
-    /// node's documents of clients that left meanwhile.
+    /// Brings this node's client documents in line with its clients: removes those of clients
+    /// gone, inserts those missing (without the nick claim if another node took the nick
+    /// meanwhile, so the client stays visible).
     async fn write_all_clients(&mut self) {
-        info!(
-            "cluster: writing this node's {} clients to the presence collection again",
-            self.local.len()
-        );
         let keys: Vec<String> = self
             .local
             .keys()
             .map(|id| client_key(&self.node, *id))
             .collect();
-        let documents: Vec<(String, Document)> = self
+        let stored = self
+            .write("read this node's clients", |presence, node| async move {
+                let gone = doc! { "kind": "client", "node": &node, "_id": { "$nin": &keys } };
+                presence.delete_many(gone).await?;
+                let mine = doc! { "kind": "client", "node": node };
+                let mut cursor = presence.find(mine).projection(doc! { "_id": 1 }).await?;
+                let mut stored = std::collections::HashSet::new();
+                while cursor.advance().await? {
+                    if let Ok(key) = cursor.current().get_str("_id") {
+                        stored.insert(key.to_string());
+                    }
+                }
+                Ok(stored)
+            })
+            .await;
+        let Some(stored) = stored else { return };
+        let missing: Vec<Document> = self
             .local
             .iter()
-            .map(|(id, (nick, chosen))| {
-                (
-                    client_key(&self.node, *id),
-                    self.client_document(*id, nick, *chosen),
-                )
+            .filter(|(id, _)| !stored.contains(&client_key(&self.node, **id)))
+            .map(|(id, (nick, chosen))| self.client_document(*id, nick, *chosen))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        info!(
+            "cluster: writing {} of this node's clients to the presence collection again",
+            missing.len()
+        );
+        let unclaimed: Vec<Document> = missing
+            .iter()
+            .filter(|document| document.contains_key("nick_key"))
+            .map(|document| {
+                let mut document = document.clone();
+                document.remove("nick_key");
+                document
             })
             .collect();
-        self.write("write clients again", |presence, node| async move {
-            let gone = doc! { "kind": "client", "node": node, "_id": { "$nin": keys } };
-            presence.delete_many(gone).await?;
-            for (key, document) in documents {
-                let written = presence
-                    .replace_one(doc! { "_id": key }, document)
-                    .upsert(true)
-                    .await;
-                match written {
-                    Err(err) if is_duplicate(&err) => {} // its nick was taken meanwhile
-                    other => drop(other?),
+        self.write("write clients again", |presence, _| async move {
+            match presence.insert_many(missing).ordered(false).await {
+                Ok(_) => Ok(()),
+                // Some nicks were taken meanwhile (or documents are there already): write
+                // those clients without their claim; the rest went in.
+                Err(err) if only_duplicates(&err) => {
+                    match presence.insert_many(unclaimed).ordered(false).await {
+                        Err(err) if !only_duplicates(&err) => Err(err),
+                        _ => Ok(()),
+                    }
                 }
+                Err(err) => Err(err),
             }
-            Ok(())
         })
         .await;
     }
@@ -269,13 +296,9 @@ impl<S: ClusterSink> Writer<S> {
     async fn write<T, F, Fut>(&mut self, what: &str, write: F) -> Option<T>
     where
         F: FnOnce(Collection<Document>, String) -> Fut,
-        Fut: std::future::Future<Output = Result<T, DbError>>,
+        Fut: Future<Output = Result<T, DbError>>,
     {
-        let result = match self.collection().await {
-            Ok(presence) => write(presence.clone(), self.node.clone()).await,
-            Err(err) => Err(err),
-        };
-        match result {
+        match self.attempt(write).await {
             Ok(value) => Some(value),
             Err(err) => {
                 self.failed(what, &err);
@@ -284,13 +307,37 @@ impl<S: ClusterSink> Writer<S> {
         }
     }
 
+    /// Runs `write` on the presence collection, giving up after 3 × `--mongo-timeout-ms` (the
+    /// driver cannot time out a database that stopped answering); then the next write gets a
+    /// new driver client.
+    async fn attempt<T, F, Fut>(&mut self, write: F) -> Result<T, DbError>
+    where
+        F: FnOnce(Collection<Document>, String) -> Fut,
+        Fut: Future<Output = Result<T, DbError>>,
+    {
+        let deadline = self.store.timeout * 3;
+        let node = self.node.clone();
+        let attempt = async {
+            let presence = self.collection().await?.clone();
+            write(presence, node).await
+        };
+        match tokio::time::timeout(deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.presence = None;
+                Err(DbError::custom(NotResponding))
+            }
+        }
+    }
+
     fn failed(&mut self, what: &str, err: &DbError) {
-        if !self.out_of_date {
+        if !self.failing {
             warn!(
                 "cluster: could not {what} in the presence collection ({}); retrying with the next heartbeat",
-                describe(err)
+                describe_failure(err)
             );
         }
+        self.failing = true;
         self.out_of_date = true;
         if is_connectivity(err) {
             self.presence = None;
@@ -310,6 +357,26 @@ impl<S: ClusterSink> Writer<S> {
             self.indexes_made = true;
         }
         Ok(self.presence.as_ref().expect("just connected"))
+    }
+}
+
+/// A presence write that did not return within its deadline.
+#[derive(Debug)]
+struct NotResponding;
+
+impl std::fmt::Display for NotResponding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("database not responding")
+    }
+}
+
+impl std::error::Error for NotResponding {}
+
+/// `describe`, and the deadline's own error.
+fn describe_failure(err: &DbError) -> String {
+    match err.get_custom::<NotResponding>() {
+        Some(not_responding) => not_responding.to_string(),
+        None => describe(err),
     }
 }
 

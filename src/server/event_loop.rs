@@ -77,6 +77,9 @@ pub const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a TLS client has to finish its handshake before it is closed: ample for a slow
 /// link, and a connection that never speaks gives its slot back soon.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Inbox items acted on per turn (each at most a batch of 1000 cluster events, or one batch
+/// of save failures or history answers), before sockets are served again.
+const INBOX_BUDGET: usize = 16;
 /// At least this long, even past `--shutdown-timeout`, for a cluster node to remove its
 /// presence documents so that the other nodes see its users leave at once.
 const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -156,6 +159,8 @@ pub struct EventLoop {
     accept_failing: [bool; 2],
     /// The accept budget ran out with connections possibly waiting: accept again next turn.
     accept_again: bool,
+    /// The inbox budget ran out with input possibly waiting: read it again next turn.
+    inbox_again: bool,
     /// At `max_clients`: new clients are being refused (logged once per episode).
     refusing: bool,
     /// When this turn's events arrived: the time flood control and timers go by.
@@ -213,6 +218,7 @@ impl EventLoop {
             closed_since_sweep: 0,
             accept_failing: [false; 2],
             accept_again: false,
+            inbox_again: false,
             refusing: false,
             now,
             running: true,
@@ -261,7 +267,11 @@ impl EventLoop {
     /// How long the next poll may wait: not at all with reads or accepts left over, else until
     /// the next timer, gathered notice, accept retry or idle sweep.
     fn poll_timeout(&self) -> Duration {
-        if !self.read_again.is_empty() || self.accept_again || self.room.has_output_to_flush() {
+        if !self.read_again.is_empty()
+            || self.accept_again
+            || self.inbox_again
+            || self.room.has_output_to_flush()
+        {
             return Duration::ZERO;
         }
         let now = Instant::now();
@@ -463,8 +473,15 @@ impl EventLoop {
         }
     }
 
+    /// Acts on what other threads sent, up to `INBOX_BUDGET` items: a change stream with a
+    /// backlog refills the inbox as fast as it is read, and clients' sockets must be served
+    /// between its batches. What is left is read next turn, which then does not wait.
     fn drain_inbox(&mut self) {
-        while let Some(input) = self.inbox.next() {
+        self.inbox_again = false;
+        for _ in 0..INBOX_BUDGET {
+            let Some(input) = self.inbox.next() else {
+                return;
+            };
             match input {
                 LoopInput::NotSaved(failures) => {
                     self.stats.failed_saves += failures.len() as u64;
@@ -475,6 +492,7 @@ impl EventLoop {
                 LoopInput::Shutdown => self.running = false,
             }
         }
+        self.inbox_again = true;
     }
 
     /// Other nodes' events, and the answers to this node's `/nick` claims.
@@ -794,8 +812,10 @@ impl EventLoop {
         self.finish_persistence(deadline);
         if let Some(roster) = self.roster.take() {
             // After the messages are stored: the other nodes deliver them, then see this
-            // node's users leave.
-            roster.stop(deadline.max(Instant::now() + CLUSTER_STOP_GRACE));
+            // node's users leave. Clients are gone, so what still arrives is dropped.
+            let inbox = &self.inbox;
+            let discard = || while inbox.next().is_some() {};
+            roster.stop(deadline.max(Instant::now() + CLUSTER_STOP_GRACE), discard);
         }
     }
 

@@ -191,8 +191,8 @@ impl Roster {
     }
 
     /// Stops the cluster threads (see `Cluster::stop`).
-    pub fn stop(self, deadline: Instant) {
-        self.cluster.stop(deadline);
+    pub fn stop(self, deadline: Instant, meanwhile: impl FnMut()) {
+        self.cluster.stop(deadline, meanwhile);
     }
 
     fn deliver(
