@@ -80,6 +80,14 @@ pub const DEFAULT_PERSIST_QUEUE: usize = 10_000;
 /// whole count at ordinary lengths, and a full queue fails new messages the same way.
 pub const DEFAULT_PERSIST_QUEUE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How often a cluster node writes its heartbeat (`--heartbeat-interval`). A node silent for
+/// `CLUSTER_SILENT_INTERVALS` of these is taken for gone, and so is a change stream (reopened).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Heartbeat intervals of silence after which a node (or the change stream) counts as gone.
+pub const CLUSTER_SILENT_INTERVALS: u32 = 3;
+/// Longest `--node-id`: it is stored in every message and shown in `/who`.
+pub const MAX_NODE_ID_CHARS: usize = 32;
+
 /// What the server needs to run.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -113,6 +121,17 @@ pub struct ServerConfig {
     pub stats_interval: Option<Duration>,
     /// `None` with `--no-persist`: no database at all.
     pub store: Option<StoreConfig>,
+    /// `--cluster`: share the chat with other nodes through the database.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// One node of several sharing a chat through MongoDB change streams (`--cluster`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    /// Stored in every message and presence document of this node, shown in `/who`.
+    pub node_id: String,
+    /// How often this node writes its heartbeat and refreshes its clients' presence.
+    pub heartbeat: Duration,
 }
 
 /// The TLS listener: its port and the PEM files certbot writes (`fullchain.pem`, `privkey.pem`).
@@ -228,6 +247,7 @@ impl ServerConfig {
             max_output_total: DEFAULT_MAX_OUTPUT_TOTAL,
             stats_interval: None,
             store,
+            cluster: None,
         }
     }
 }
@@ -309,6 +329,13 @@ Options:
                            bytes of messages waiting to be saved before new ones are
                            refused [default: 67108864]
   --no-persist             run without a database (nothing is stored)
+  --cluster                share one chat with the other servers on the same database
+                           (MongoDB change streams: needs a replica set)
+  --node-id ID             this server's name in the cluster, up to 32 letters, digits,
+                           - _ . [default: 8 random hex digits, logged at start]
+  --heartbeat-interval SECS
+                           with --cluster: how often this server says it is alive; a
+                           server silent for 3 intervals is taken for gone [default: 10]
   -h, --help               print this help
   -V, --version            print the version
 ";
@@ -494,6 +521,7 @@ pub fn parse_server_args(
         1 << 40,
     )?;
     let no_persist = args.contains("--no-persist");
+    let cluster = cluster(&mut args, no_persist)?;
     reject_leftovers(args)?;
     if max_output < max_line.saturating_mul(2) {
         return Err(ArgError(format!(
@@ -561,7 +589,66 @@ pub fn parse_server_args(
         max_output_total,
         stats_interval: (stats_secs > 0).then(|| Duration::from_secs(stats_secs)),
         store,
+        cluster,
     }))
+}
+
+/// `--cluster`, `--node-id` and `--heartbeat-interval`. The last two mean nothing alone, and
+/// a cluster shares its chat through the database, so `--no-persist` cannot go with it.
+fn cluster(
+    args: &mut pico_args::Arguments,
+    no_persist: bool,
+) -> Result<Option<ClusterConfig>, ArgError> {
+    let on = args.contains("--cluster");
+    let node_id: Option<String> = optional(args, "--node-id")?;
+    let heartbeat_secs: Option<f64> = optional(args, "--heartbeat-interval")?;
+    if !on {
+        if node_id.is_some() || heartbeat_secs.is_some() {
+            return Err(ArgError(
+                "--node-id and --heartbeat-interval need --cluster".to_string(),
+            ));
+        }
+        return Ok(None);
+    }
+    if no_persist {
+        return Err(ArgError(
+            "--cluster: servers share the chat through the database, so it cannot go with --no-persist".to_string(),
+        ));
+    }
+    let node_id = match node_id {
+        Some(id) => validate_node_id(id)?,
+        None => random_node_id(),
+    };
+    let heartbeat_secs = heartbeat_secs.unwrap_or(DEFAULT_HEARTBEAT_INTERVAL.as_secs_f64());
+    if !(0.1..=3600.0).contains(&heartbeat_secs) {
+        return Err(ArgError(
+            "--heartbeat-interval: must be between 0.1 and 3600 seconds".to_string(),
+        ));
+    }
+    Ok(Some(ClusterConfig {
+        node_id,
+        heartbeat: Duration::from_secs_f64(heartbeat_secs),
+    }))
+}
+
+fn validate_node_id(id: String) -> Result<String, ArgError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if id.is_empty() || id.len() > MAX_NODE_ID_CHARS || !id.chars().all(allowed) {
+        return Err(ArgError(format!(
+            "--node-id: '{id}' must be 1 to {MAX_NODE_ID_CHARS} ASCII letters, digits, - _ or ."
+        )));
+    }
+    Ok(id)
+}
+
+/// Eight hex digits of the random value every process puts in its ObjectIds (bytes 4 to 8):
+/// distinct across servers and restarts without a random-number crate.
+fn random_node_id() -> String {
+    let bytes = bson::oid::ObjectId::new().bytes();
+    bytes[4..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// `--tls-port`, `--tls-cert` and `--tls-key` come together or not at all; `--no-plain` (plain

@@ -35,6 +35,8 @@ pub enum Error {
     Io(io::Error),
     /// The server thread panicked.
     Panicked,
+    /// `--cluster` could not start: no change streams (a setup mistake, exit 2) or no database.
+    Cluster(crate::cluster::StartError),
 }
 
 impl fmt::Display for Error {
@@ -50,6 +52,7 @@ impl fmt::Display for Error {
             Error::TlsConnect(why) | Error::Reply(why) => f.write_str(why),
             Error::Io(source) => write!(f, "{source}"),
             Error::Panicked => write!(f, "the server thread panicked"),
+            Error::Cluster(why) => write!(f, "{why}"),
         }
     }
 }
@@ -67,7 +70,8 @@ impl std::error::Error for Error {
             | Error::Usage(_)
             | Error::TlsConnect(_)
             | Error::Reply(_)
-            | Error::Panicked => None,
+            | Error::Panicked
+            | Error::Cluster(_) => None,
         }
     }
 }
@@ -77,7 +81,9 @@ impl Error {
     /// that cannot be used, else 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) | Error::TlsFile { .. } => 2,
+            Error::Usage(_)
+            | Error::TlsFile { .. }
+            | Error::Cluster(crate::cluster::StartError::NoChangeStreams(_)) => 2,
             _ => 1,
         }
     }

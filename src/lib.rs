@@ -30,6 +30,7 @@
 //! - [`log`]: timestamped stderr logging.
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fd_limit;

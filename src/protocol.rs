@@ -288,6 +288,18 @@ pub const HELP_LINES: [&str; 8] = [
 /// Reply to `/quit` before the connection closes.
 pub const BYE: &str = "bye";
 
+/// `--cluster`: a gap in the change stream that reading back from the database could not close.
+pub const MISSED_FROM_OTHER_SERVERS: &str = "some messages from other servers may have been missed";
+
+/// `--cluster`: what a `! not saved` reason adds. A message that was not stored is not in the
+/// change stream, so no other server delivers it.
+pub const NOT_SENT_TO_OTHERS: &str = "not sent to other servers";
+
+/// `--cluster`: `/nick` could not be checked against the other servers.
+pub fn nick_unsettled(reason: &str) -> String {
+    format!("nick not changed: {reason}")
+}
+
 /// Notice to the others for `/me ACTION`.
 pub fn action(name: &str, text: &str) -> String {
     format!("{name} {text}")

@@ -42,8 +42,9 @@ use crate::config::StoreConfig;
 use crate::{error, info, warn};
 use history::Newest;
 pub use history::{HistoryReply, HistoryRequest, StoredLine, ACTION_KIND};
-pub use store::{redact_uri, write_concern, Store};
-use store::{CONNECTION_LOST, MAY_STILL_BE_SAVED, UNREACHABLE};
+pub(crate) use store::{connect_client, describe, is_connectivity, DUPLICATE_KEY};
+pub use store::{redact_uri, write_concern, Store, MAY_STILL_BE_SAVED};
+use store::{CONNECTION_LOST, UNREACHABLE};
 use watchdog::{Inserter, BATCH_DEADLINE_FACTOR, NOT_RESPONDING};
 
 /// Most documents in one `insert_many`: large enough to amortise a round trip, small enough
@@ -144,6 +145,13 @@ impl Record {
             accepted_millis: accepted_at.timestamp_millis(),
             document,
         }
+    }
+
+    /// Names the cluster node that accepted the message (`node`, only with `--cluster`): other
+    /// nodes deliver it, this one does not again.
+    pub fn node(mut self, node: &str) -> Record {
+        self.document.append(cstr!("node"), node);
+        self
     }
 
     /// Marks the message as a `/me` action (`kind: "action"`); plain messages have no `kind`.

@@ -16,14 +16,14 @@ use crate::config::StoreConfig;
 use crate::{info, warn};
 
 /// Added to the reason when a batch may have been stored although no reply said so.
-pub(super) const MAY_STILL_BE_SAVED: &str = "; it may still be saved";
+pub const MAY_STILL_BE_SAVED: &str = "; it may still be saved";
 
 /// Why a call failed when no server could be selected, or the connection broke.
 pub(super) const UNREACHABLE: &str = "database unreachable";
 pub(super) const CONNECTION_LOST: &str = "database connection lost";
 
 /// MongoDB's duplicate key error: the document with this `_id` is already stored.
-const DUPLICATE_KEY: i32 = 11000;
+pub const DUPLICATE_KEY: i32 = 11000;
 
 /// The database side of persistence: a lazily created driver client and the `timestamp`
 /// index. Its calls wait for as long as the driver does; the persistence thread runs them
@@ -195,18 +195,24 @@ impl Store {
     }
 }
 
-/// A driver client with peerchat's timeouts. Parsing a `mongodb+srv://` URI looks up DNS
-/// records, so this runs on the database thread, never at start-up.
+/// The messages collection on a new driver client.
 async fn connect(config: &StoreConfig) -> Result<Collection<RawDocumentBuf>, DbError> {
+    Ok(connect_client(config)
+        .await?
+        .database(&config.database)
+        .collection(&config.collection))
+}
+
+/// A driver client with peerchat's timeouts and write concern; the cluster threads use it too.
+/// Parsing a `mongodb+srv://` URI looks up DNS records, so this runs on a database thread,
+/// never on the loop.
+pub async fn connect_client(config: &StoreConfig) -> Result<Client, DbError> {
     let mut options = ClientOptions::parse(&config.uri).await?;
     options.server_selection_timeout = Some(config.timeout);
     options.connect_timeout = Some(config.timeout);
     options.app_name = Some("peerchat".to_string());
     options.write_concern = Some(write_concern(options.write_concern.take()));
-    let client = Client::with_options(options)?;
-    Ok(client
-        .database(&config.database)
-        .collection(&config.collection))
+    Client::with_options(options)
 }
 
 /// The write concern messages are stored with, given the one the URI sets (`None` if it sets
@@ -223,7 +229,7 @@ pub fn write_concern(from_uri: Option<WriteConcern>) -> WriteConcern {
 }
 
 /// The database could not be reached at all (as opposed to refusing the operation).
-fn is_connectivity(err: &DbError) -> bool {
+pub fn is_connectivity(err: &DbError) -> bool {
     matches!(
         *err.kind,
         ErrorKind::ServerSelection { .. }
@@ -276,7 +282,7 @@ fn failed_indexes(err: &DbError, batch_len: usize) -> Vec<(usize, String)> {
 }
 
 /// A short reason for a sender or the log.
-fn describe(err: &DbError) -> String {
+pub fn describe(err: &DbError) -> String {
     match &*err.kind {
         ErrorKind::ServerSelection { .. } => UNREACHABLE.to_string(),
         ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => CONNECTION_LOST.to_string(),

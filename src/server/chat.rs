@@ -4,24 +4,27 @@
 //! The rules of the chat, between the wire (`protocol`) and delivery (`room::Room`). No I/O:
 //! it only queues lines in the room and hands messages to the persistence queue.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::connection::CloseReason;
 use super::history::History;
 use super::presence::Presence;
 use super::room::Room;
+use super::roster::Roster;
 use super::stats::Stats;
-use crate::persist::{ClientRef, Persister, Record, SaveFailure, SubmitError};
+use crate::cluster::ClaimRefused;
+use crate::persist::{ClientRef, Persister, Record, SaveFailure, SubmitError, MAY_STILL_BE_SAVED};
 use crate::protocol::{self, Command};
 
-/// What a line may change besides the room: presence notices, the save queue, history; and
-/// the loop's figures, for `/stats`.
+/// What a line may change besides the room: presence notices, the save queue, history, the
+/// other cluster nodes; and the loop's figures, for `/stats`.
 pub struct Services<'a> {
     pub presence: &'a mut Presence,
     pub persister: Option<&'a Persister>,
     pub history: &'a mut History,
     pub stats: &'a Stats,
+    /// `None` without `--cluster`.
+    pub roster: Option<&'a Roster>,
 }
 
 /// Lets a new client into the chat (a TLS client once its handshake is done): greets it,
@@ -34,6 +37,9 @@ pub fn joined(room: &mut Room, services: Services<'_>, slot: usize, now: Instant
     conn.joined = true;
     conn.join_order = join_order;
     let name = conn.name.clone();
+    if let Some(roster) = services.roster {
+        roster.local_joined(conn.id(), &name);
+    }
     room.notice(slot, &protocol::welcome(&name));
     services.presence.joined(room, slot, now);
     services
@@ -49,6 +55,7 @@ pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], 
         persister,
         history,
         stats,
+        roster,
     } = services;
     let Some(conn) = room.get_mut(slot) else {
         return;
@@ -73,18 +80,24 @@ pub fn line(room: &mut Room, services: Services<'_>, slot: usize, bytes: &[u8], 
         presence.announce_join_of(room, client, now);
     }
     match command {
-        Command::Chat(message) => chat(room, persister, slot, message),
-        Command::Me(action) => act(room, persister, slot, action),
+        Command::Chat(message) => say(room, (persister, roster), slot, message, false),
+        Command::Me(action) => say(room, (persister, roster), slot, action, true),
         Command::History(count) => history.command(room, persister, slot, count, now),
-        Command::Nick(name) => nick(room, presence, client, name, now),
+        Command::Nick(name) => nick(room, (presence, roster), client, name, now),
         Command::Who => {
-            let who = protocol::who(room.names());
+            let who = match roster {
+                Some(roster) => roster.who(room),
+                None => protocol::who(room.names()),
+            };
             room.notice(slot, &who);
         }
         Command::Stats => {
             // The asker's own chat gathered this turn is counted as delivered first.
             room.send_gathered_chat();
-            let figures = stats.line(room, persister, now);
+            let mut figures = stats.line(room, persister, now);
+            if let Some(roster) = roster {
+                figures.push_str(&roster.stats());
+            }
             room.notice(slot, &figures);
         }
         Command::Help => {
@@ -129,67 +142,113 @@ pub fn flood_delayed(room: &mut Room, slot: usize) -> bool {
     first
 }
 
-/// Reports messages that could not be stored to their senders, if still connected.
-pub fn not_saved(room: &mut Room, failures: Vec<SaveFailure>) {
+/// Reports messages that could not be stored to their senders, if still connected;
+/// `clustered`: the line also says the other servers did not get it.
+pub fn not_saved(room: &mut Room, failures: Vec<SaveFailure>, clustered: bool) {
     for failure in failures {
         if room.find(failure.sender).is_some() {
-            let text = protocol::not_saved(&failure.content, &failure.reason);
+            let reason = unsaved_reason(&failure.reason, clustered);
+            let text = protocol::not_saved(&failure.content, &reason);
             room.error(failure.sender.slot, &text);
         }
     }
 }
 
-fn chat(room: &mut Room, persister: Option<&Persister>, slot: usize, message: &str) {
-    let Some(conn) = room.get(slot) else { return };
-    let (name, addr) = (conn.name.clone(), conn.addr());
-    room.chat(slot, &name, message);
-    if let Some(persister) = persister {
-        store(room, persister, slot, (name, addr), message, false);
+/// With `--cluster`, a message that was not stored reached no other server (it is not in the
+/// change stream), unless it may still have been stored.
+fn unsaved_reason(reason: &str, clustered: bool) -> String {
+    match clustered {
+        false => reason.to_string(),
+        true if reason.ends_with(MAY_STILL_BE_SAVED) => {
+            format!("{reason}, and then reach other servers")
+        }
+        true => format!("{reason}; {}", protocol::NOT_SENT_TO_OTHERS),
     }
 }
 
-/// `/me ACTION`: `* NAME ACTION` to the others, stored as an action.
-fn act(room: &mut Room, persister: Option<&Persister>, slot: usize, action: &str) {
-    let Some(conn) = room.get(slot) else { return };
-    let (name, addr) = (conn.name.clone(), conn.addr());
-    room.action(slot, &name, action);
-    if let Some(persister) = persister {
-        store(room, persister, slot, (name, addr), action, true);
-    }
-}
-
-/// Hands the message to the persistence thread; a full queue is reported at once.
-fn store(
+/// A chat line (`<NAME> TEXT`) or, with `action`, a `/me` (`* NAME ACTION`) to the others, and
+/// to the save queue (and through the database to the other cluster nodes).
+fn say(
     room: &mut Room,
-    persister: &Persister,
+    (persister, roster): (Option<&Persister>, Option<&Roster>),
     slot: usize,
-    (nick, addr): (String, SocketAddr),
-    message: &str,
+    text: &str,
     action: bool,
 ) {
+    let Some(conn) = room.get(slot) else { return };
+    let (name, addr) = (conn.name.clone(), conn.addr());
+    if action {
+        room.action(slot, &name, text);
+    } else {
+        room.chat(slot, &name, text);
+    }
+    let Some(persister) = persister else { return };
     let Some(sender) = room.client_ref(slot) else {
         return;
     };
     // Encoded once, here: the persistence thread and the driver pass these bytes on as they are.
-    let mut record = Record::new(sender, &nick, addr, message, bson::DateTime::now());
+    let mut record = Record::new(sender, &name, addr, text, bson::DateTime::now());
     if action {
         record = record.action();
     }
+    if let Some(roster) = roster {
+        record = record.node(roster.node_id());
+    }
     if let Err(SubmitError { content, reason }) = persister.submit(record) {
-        room.error(slot, &protocol::not_saved(&content, reason));
+        let reason = unsaved_reason(reason, roster.is_some());
+        room.error(slot, &protocol::not_saved(&content, &reason));
     }
 }
 
-/// Renames the client; everyone is told (its join, if it was still waiting, went out first).
-fn nick(room: &mut Room, presence: &mut Presence, client: ClientRef, name: &str, now: Instant) {
+/// `/nick NAME`: checked here against this node's clients and the other nodes' known ones;
+/// with `--cluster` the database settles it (a unique index) and the rename happens when
+/// `nick_claimed` hears back.
+fn nick(
+    room: &mut Room,
+    (presence, roster): (&mut Presence, Option<&Roster>),
+    client: ClientRef,
+    name: &str,
+    now: Instant,
+) {
     let slot = client.slot;
     if protocol::validate_nick(name).is_err() {
         return room.error(slot, &protocol::invalid_nick());
     }
-    if room.name_taken(name, slot) {
+    if room.name_taken(name, slot) || roster.is_some_and(|roster| roster.name_taken(name)) {
         return room.error(slot, &protocol::nick_taken(name));
     }
-    let Some(conn) = room.get_mut(slot) else {
+    if room.get(slot).is_none_or(|conn| conn.name == name) {
+        return;
+    }
+    match roster {
+        Some(roster) => roster.claim(client, name),
+        None => rename(room, presence, client, name, now),
+    }
+}
+
+/// The database's answer to a `/nick` claim (`--cluster`).
+pub fn nick_claimed(
+    room: &mut Room,
+    presence: &mut Presence,
+    (client, name): (ClientRef, &str),
+    result: Result<(), ClaimRefused>,
+    now: Instant,
+) {
+    if room.find(client).is_none() {
+        return;
+    }
+    match result {
+        Ok(()) => rename(room, presence, client, name, now),
+        Err(ClaimRefused::Taken) => room.error(client.slot, &protocol::nick_taken(name)),
+        Err(ClaimRefused::Unsettled(reason)) => {
+            room.error(client.slot, &protocol::nick_unsettled(&reason))
+        }
+    }
+}
+
+/// Renames the client; everyone is told (its join, if it was still waiting, went out first).
+fn rename(room: &mut Room, presence: &mut Presence, client: ClientRef, name: &str, now: Instant) {
+    let Some(conn) = room.find_mut(client) else {
         return;
     };
     if conn.name == name {

@@ -25,10 +25,12 @@ use super::inbox::{Inbox, LoopInput};
 use super::per_address::PerAddress;
 use super::presence::Presence;
 use super::room::Room;
+use super::roster::Roster;
 use super::socket_options::{ClientSocketOptions, INHERITED_FROM_LISTENER};
 use super::stats::Stats;
 use super::timers::{Due, Timers};
 use super::transport::Transport;
+use crate::cluster::{Cluster, ClusterInput};
 use crate::config::ServerConfig;
 use crate::persist::{ClientRef, Persister};
 use crate::protocol;
@@ -75,6 +77,9 @@ pub const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a TLS client has to finish its handshake before it is closed: ample for a slow
 /// link, and a connection that never speaks gives its slot back soon.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At least this long, even past `--shutdown-timeout`, for a cluster node to remove its
+/// presence documents so that the other nodes see its users leave at once.
+const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// The listening sockets: plain TCP, TLS (with its certificate), or both.
 pub struct Listeners {
@@ -123,6 +128,8 @@ pub struct EventLoop {
     listeners: Listeners,
     pub(super) inbox: Inbox,
     pub(super) persister: Option<Persister>,
+    /// The other cluster nodes (`--cluster`).
+    roster: Option<Roster>,
     pub(super) room: Room,
     presence: Presence,
     history: History,
@@ -163,6 +170,7 @@ impl EventLoop {
         mut listeners: Listeners,
         inbox: Inbox,
         persister: Option<Persister>,
+        cluster: Option<Cluster>,
         config: &ServerConfig,
     ) -> io::Result<Self> {
         listeners.register(&poll)?;
@@ -178,6 +186,7 @@ impl EventLoop {
             listeners,
             inbox,
             persister,
+            roster: cluster.map(|cluster| Roster::new(cluster, now)),
             room: Room::new(config.limits, config.max_output_total, per_address),
             presence: Presence::new(config.presence_interval),
             history: History::new(
@@ -265,6 +274,7 @@ impl EventLoop {
             self.presence.next_due(),
             self.history.next_due(),
             self.next_stats_log,
+            self.roster.as_ref().and_then(Roster::next_due),
         ];
         for due in next_dues.into_iter().flatten() {
             wake = wake.min(due);
@@ -276,6 +286,9 @@ impl EventLoop {
     fn fire_timers(&mut self) {
         self.presence.announce_due(&mut self.room, self.now);
         self.history.expire_due(&mut self.room, self.now);
+        if let Some(roster) = &mut self.roster {
+            roster.check_nodes(&mut self.room, &mut self.presence, self.now);
+        }
         self.log_stats_if_due();
         while let Some(due) = self.timers.pop_due(self.now) {
             match due {
@@ -434,6 +447,7 @@ impl EventLoop {
             persister: self.persister.as_ref(),
             history: &mut self.history,
             stats: &self.stats,
+            roster: self.roster.as_ref(),
         };
         chat::joined(&mut self.room, services, slot, self.now);
     }
@@ -454,10 +468,30 @@ impl EventLoop {
             match input {
                 LoopInput::NotSaved(failures) => {
                     self.stats.failed_saves += failures.len() as u64;
-                    chat::not_saved(&mut self.room, failures);
+                    chat::not_saved(&mut self.room, failures, self.roster.is_some());
                 }
                 LoopInput::History(reply) => self.history.answer(&mut self.room, reply),
+                LoopInput::Cluster(input) => self.act_on_cluster_input(input),
                 LoopInput::Shutdown => self.running = false,
+            }
+        }
+    }
+
+    /// Other nodes' events, and the answers to this node's `/nick` claims.
+    fn act_on_cluster_input(&mut self, input: ClusterInput) {
+        match input {
+            ClusterInput::Events(events) => {
+                if let Some(roster) = &mut self.roster {
+                    roster.apply(&mut self.room, &mut self.presence, events, self.now);
+                }
+            }
+            ClusterInput::NickClaimed {
+                client,
+                nick,
+                result,
+            } => {
+                let claim = (client, nick.as_str());
+                chat::nick_claimed(&mut self.room, &mut self.presence, claim, result, self.now);
             }
         }
     }
@@ -546,6 +580,7 @@ impl EventLoop {
                         persister: self.persister.as_ref(),
                         history: &mut self.history,
                         stats: &self.stats,
+                        roster: self.roster.as_ref(),
                     };
                     let line = self.batch.line(range);
                     chat::line(&mut self.room, services, slot, line, self.now);
@@ -694,6 +729,9 @@ impl EventLoop {
                 let client = ClientRef { slot, id };
                 self.presence.left(&mut self.room, client, &name, self.now);
             }
+            if let Some(roster) = self.roster.as_ref().filter(|_| joined) {
+                roster.local_left(id);
+            }
         }
     }
 
@@ -754,6 +792,11 @@ impl EventLoop {
         self.drain_before_exit(deadline);
         self.close_everyone();
         self.finish_persistence(deadline);
+        if let Some(roster) = self.roster.take() {
+            // After the messages are stored: the other nodes deliver them, then see this
+            // node's users leave.
+            roster.stop(deadline.max(Instant::now() + CLUSTER_STOP_GRACE));
+        }
     }
 
     /// Turns of the loop that only write and deliver reports (input is no longer read), until
@@ -856,7 +899,7 @@ mod tests {
             plain: Some(listener),
             tls: None,
         };
-        let event_loop = EventLoop::new(poll, listeners, inbox, None, config).unwrap();
+        let event_loop = EventLoop::new(poll, listeners, inbox, None, None, config).unwrap();
         (event_loop, addr)
     }
 

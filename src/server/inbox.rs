@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use mio::Waker;
 
+use crate::cluster::{ClusterInput, ClusterSink};
 use crate::persist::{HistoryReply, Report, Reporter, SaveFailure};
 
 /// Items in flight to the loop before senders wait. Each item is a whole batch of results, so
@@ -23,6 +24,8 @@ pub enum LoopInput {
     NotSaved(Vec<SaveFailure>),
     /// Stored messages some clients asked for.
     History(HistoryReply),
+    /// Other cluster nodes' messages and presence, and answers to `/nick` claims.
+    Cluster(ClusterInput),
     /// Stop the server.
     Shutdown,
 }
@@ -58,6 +61,14 @@ impl Reporter for LoopSender {
         };
         // If the loop is gone the server is stopping; the thread keeps storing what is queued.
         let _ = self.send(input);
+    }
+}
+
+/// Other nodes' events come to the loop like everything else; the watcher waits while the
+/// inbox is full (the change stream holds the rest).
+impl ClusterSink for LoopSender {
+    fn send(&self, input: ClusterInput) -> Result<(), LoopGone> {
+        LoopSender::send(self, LoopInput::Cluster(input))
     }
 }
 

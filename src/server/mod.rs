@@ -14,6 +14,7 @@ pub mod inbox;
 mod per_address;
 mod presence;
 mod room;
+mod roster;
 mod socket_options;
 mod stats;
 mod timers;
@@ -29,6 +30,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::cluster::Cluster;
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::persist::{redact_uri, Persister};
@@ -133,7 +135,13 @@ impl Server {
                 None
             }
         };
-        let event_loop = EventLoop::new(poll, listeners, inbox, persister, &config)?;
+        let cluster = match (&config.cluster, &config.store) {
+            (Some(cluster), Some(store)) => {
+                Some(Cluster::start(store, cluster, sender.clone()).map_err(Error::Cluster)?)
+            }
+            _ => None,
+        };
+        let event_loop = EventLoop::new(poll, listeners, inbox, persister, cluster, &config)?;
         Ok(Server {
             event_loop,
             local_addr,

@@ -67,7 +67,8 @@ struct Event {
     /// Clients whose join order is below this were in the chat when it happened and hear of
     /// it. Never decreasing along `waiting`, so each recipient's share is a suffix of the list.
     heard_below: u64,
-    /// For a join: who joined, to mark as announced once the line goes out.
+    /// For a join: who joined, to mark as announced once the line goes out (`None` for a
+    /// client of another cluster node).
     joiner: Option<ClientRef>,
 }
 
@@ -104,6 +105,45 @@ impl Presence {
     /// join goes out first.
     pub fn left(&mut self, room: &mut Room, client: ClientRef, name: &str, now: Instant) {
         self.announce_join_of(room, client, now);
+        self.leave(room, name, now);
+    }
+
+    /// A client of another cluster node joined: everyone here hears of it, now or gathered.
+    pub fn remote_joined(&mut self, room: &mut Room, name: &str, now: Instant) {
+        if self.joins.may_announce_at_once(now, self.interval) {
+            if room.notice_all(None, &protocol::joined(name)) > 0 {
+                self.joins.last_sent = Some(now);
+            }
+            return;
+        }
+        self.joins.waiting.push(Event {
+            name: name.to_string(),
+            heard_below: room.next_join_order(),
+            joiner: None,
+        });
+    }
+
+    /// A client of another cluster node left (its join goes out first if it is waiting).
+    pub fn remote_left(&mut self, room: &mut Room, name: &str, now: Instant) {
+        self.announce_remote_join(room, name, now);
+        self.leave(room, name, now);
+    }
+
+    /// Announces the waiting join of another node's client called `name` now, before a line
+    /// from it; the other waiting joins keep waiting.
+    pub fn announce_remote_join(&mut self, room: &mut Room, name: &str, now: Instant) {
+        let waiting = self.joins.waiting.iter();
+        let Some(at) = waiting
+            .into_iter()
+            .position(|event| event.joiner.is_none() && event.name == name)
+        else {
+            return;
+        };
+        let event = self.joins.waiting.remove(at);
+        self.joins.send(room, &[event], now);
+    }
+
+    fn leave(&mut self, room: &mut Room, name: &str, now: Instant) {
         if self.leaves.may_announce_at_once(now, self.interval) {
             if room.notice_all(None, &protocol::left(name)) > 0 {
                 self.leaves.last_sent = Some(now);

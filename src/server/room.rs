@@ -250,6 +250,20 @@ impl Room {
         self.traffic.deliveries_out += recipients as u64;
     }
 
+    /// A message of another cluster node: `<NAME> TEXT` (or `* NAME ACTION`) to every open
+    /// connection; counted as deliveries, not as messages in.
+    pub fn remote_chat(&mut self, name: &str, text: &str, action: bool) {
+        self.send_gathered_chat();
+        self.line.clear();
+        if action {
+            protocol::write_notice(&mut self.line, &protocol::action(name, text));
+        } else {
+            protocol::write_chat(&mut self.line, name, text);
+        }
+        let recipients = self.fan_out(None);
+        self.traffic.deliveries_out += recipients as u64;
+    }
+
     /// Chat counts so far, and bytes over the network of every connection, gone or here.
     pub fn traffic(&self) -> Traffic {
         let mut traffic = self.traffic;
