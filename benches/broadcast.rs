@@ -32,7 +32,9 @@
 //! the database's CPU per 1000 messages; side by side, the database's operations per message
 //! (`serverStatus`) and what each extra node adds; then the goals (cross-node p99 ≤ 100 ms at
 //! 1000 messages/s, no loss, each extra node one stream rather than a query per message).
-//! `--quick` includes a 2-second run on two nodes.
+//! `--quick` includes a 2-second run on two nodes. `--watch-db`: the bench watches the messages
+//! collection too and shows how long messages take from send to its own change stream, apart
+//! from the nodes (it adds a stream, so the database's figures are then not the nodes' alone).
 //!
 //! Each run is printed as it finishes; then, per scenario, the best run of each server side by
 //! side with the ratios and goals, and with TLS rows, the four rows (each server plain and over
@@ -209,6 +211,7 @@ fn parse_options() -> Options {
     let rate = fraction(&mut args, "--rate");
     let seconds = fraction(&mut args, "--seconds");
     let no_baseline = args.contains("--no-baseline");
+    let watch_db = args.contains("--watch-db");
     let rest = args.finish();
     if !rest.is_empty() {
         die(&format!("unknown arguments: {rest:?}"));
@@ -233,6 +236,7 @@ fn parse_options() -> Options {
                 size,
                 rate: rate.unwrap_or(support::cluster::GOAL_RATE),
                 seconds: seconds.unwrap_or(CLUSTER_SECONDS),
+                watch_db,
             };
             cluster_loads(&plan, &counts, !no_baseline)
         }
@@ -244,6 +248,7 @@ fn parse_options() -> Options {
             size,
             rate: rate.unwrap_or(QUICK_CLUSTER_RATE),
             seconds: seconds.unwrap_or(QUICK_CLUSTER_SECONDS),
+            watch_db,
         }],
         None => Vec::new(),
     };

@@ -63,6 +63,9 @@ pub struct ClusterLoad {
     pub rate: f64,
     /// How long the load lasts.
     pub seconds: f64,
+    /// The bench watches the messages collection itself too (one more stream on the
+    /// database): how long a message takes to be stored and streamed, apart from the nodes.
+    pub watch_db: bool,
 }
 
 impl ClusterLoad {
@@ -202,6 +205,10 @@ pub struct ClusterOutcome {
     pub node_stats: Vec<Vec<(String, String)>>,
     /// Each node's WARN and ERROR lines.
     pub warnings: Vec<Vec<String>>,
+    /// With `watch_db`: from send to the insert event reaching the bench's own change stream
+    /// (p50, p99, p99.9, max in µs), and how many events that is from.
+    pub streamed_us: Option<[u64; 4]>,
+    pub streamed_samples: u64,
 }
 
 impl ClusterOutcome {
@@ -292,6 +299,7 @@ pub fn run(db: &TestDatabase, load: &ClusterLoad) -> ClusterOutcome {
         let size = load.size;
         thread::spawn(move || receive(inputs, size, &shared))
     };
+    let watcher = load.watch_db.then(|| watch_db(db, &shared));
     for (socket, _) in &mut senders {
         let mut line = READY.to_vec();
         line.push(b'\n');
@@ -314,6 +322,7 @@ pub fn run(db: &TestDatabase, load: &ClusterLoad) -> ClusterOutcome {
     thread::sleep(LATE);
     shared.done.store(true, Ordering::Release);
     let tally = reader.join().expect("receiving thread");
+    let streamed = watcher.map(|w| w.join().expect("bench's change stream thread"));
     let node_stats = nodes.iter().map(stats_of).collect();
     // The open-file limit warning is about `--max-clients 100000`, which the bench always passes.
     let warnings = nodes
@@ -352,7 +361,49 @@ pub fn run(db: &TestDatabase, load: &ClusterLoad) -> ClusterOutcome {
         generator_cpu: cpu_after.2 - cpu_before.2,
         node_stats,
         warnings,
+        streamed_us: streamed.as_ref().map(|(h, _)| h.percentiles()),
+        streamed_samples: streamed.map_or(0, |(_, n)| n),
     }
+}
+
+/// The bench's own change stream on the messages collection, opened before it returns: for
+/// each message inserted, the time from its send to the event, until `done`.
+fn watch_db(db: &TestDatabase, shared: &Arc<Shared>) -> thread::JoinHandle<(Histogram, u64)> {
+    let collection = db.collection(peerchat::config::DEFAULT_MONGO_COLLECTION);
+    let mut stream = super::db::call("opening the bench's change stream", || {
+        collection
+            .watch()
+            .pipeline([doc! { "$match": { "operationType": "insert" } }])
+            .max_await_time(Duration::from_millis(100))
+            .run()
+    });
+    let shared = shared.clone();
+    thread::spawn(move || {
+        let mut histogram = Histogram::default();
+        let mut samples = 0;
+        while !shared.done.load(Ordering::Acquire) {
+            let event = match stream.next_if_any() {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(err) => {
+                    eprintln!("bench: its own change stream failed: {err}");
+                    break;
+                }
+            };
+            let now = shared.base.elapsed().as_nanos() as u64;
+            let content = event
+                .full_document
+                .as_ref()
+                .and_then(|d| d.get_str("content").ok())
+                .unwrap_or_default()
+                .as_bytes();
+            if content.len() >= HEADER && content[..10].iter().all(u8::is_ascii_digit) {
+                histogram.record(now.saturating_sub(digits(&content[11..31])) / 1000);
+                samples += 1;
+            }
+        }
+        (histogram, samples)
+    })
 }
 
 fn process_cpu(pid: u32) -> f64 {
@@ -941,6 +992,15 @@ fn save_run(load: &ClusterLoad, run: usize, database: &str, o: &ClusterOutcome) 
             ("backfills", o.stat_sum("backfills").to_string()),
             ("missed_gaps", o.stat_sum("missed_gaps").to_string()),
             ("slow_consumers", o.stat_sum("slow_consumers").to_string()),
+            ("watch_db", load.watch_db.to_string()),
+            (
+                "streamed_p50_us",
+                o.streamed_us.map_or("null".into(), |us| us[0].to_string()),
+            ),
+            (
+                "streamed_p99_us",
+                o.streamed_us.map_or("null".into(), |us| us[1].to_string()),
+            ),
         ],
     );
 }
@@ -1043,6 +1103,18 @@ fn print_side_by_side(best: &[(ClusterLoad, ClusterOutcome)], runs: usize) {
         &|o| o.db_ops.map(|d| d.getmore / o.seconds.max(1e-9)),
         0,
     );
+    if best.iter().any(|(_, o)| o.streamed_samples > 0) {
+        let streamed = |i: usize| {
+            move |o: &ClusterOutcome| {
+                o.streamed_us
+                    .filter(|_| o.streamed_samples > 0)
+                    .map(|us| ms(us[i]))
+            }
+        };
+        row("sent → bench's own stream p50 ms", &streamed(0), 2);
+        row("sent → bench's own stream p99 ms", &streamed(1), 2);
+        row("sent → bench's own stream max ms", &streamed(3), 2);
+    }
     // How long node 1's inserts took: a message reaches other nodes only once stored.
     row(
         "/stats save_batch_ms_p99 (node 1)",
@@ -1097,20 +1169,18 @@ fn goals(best: &[(ClusterLoad, ClusterOutcome)]) -> bool {
     for (load, o) in &multi {
         let ok = o.cross_samples > 0 && o.cross_us[1] <= GOAL_CROSS_P99_US;
         let at_goal_rate = load.rate >= GOAL_RATE && o.messages_per_sec() >= 0.95 * GOAL_RATE;
-        let note = if at_goal_rate {
-            String::new()
-        } else {
-            format!(
-                " (measured at {:.0} messages/s: the goal is set for 1000)",
-                o.messages_per_sec()
-            )
+        // Below the goal's rate a p99 under 100 ms shows nothing about the goal.
+        let verdict = match (at_goal_rate, ok) {
+            (true, _) => met(ok).to_string(),
+            (false, true) => "not measured (under 100 ms, but below the goal's rate)".to_string(),
+            (false, false) => "not measured (over 100 ms even below the goal's rate)".to_string(),
         };
+        // Only a run at the goal's rate decides it (CI's --quick runs at half of it).
         all &= ok || !at_goal_rate;
         println!(
-            "  cross-node p99 ≤ 100 ms at 1000 messages/s, {} nodes: {} (p99 {:.1} ms, max {:.1} \
-             ms at {:.0} messages/s){note}",
+            "  cross-node p99 ≤ 100 ms at 1000 messages/s, {} nodes: {verdict} (p99 {:.1} ms, \
+             max {:.1} ms at {:.0} messages/s)",
             load.nodes,
-            met(ok),
             ms(o.cross_us[1]),
             ms(o.cross_us[3]),
             o.messages_per_sec()
