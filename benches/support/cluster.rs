@@ -927,6 +927,15 @@ fn print_run(load: &ClusterLoad, run: usize, o: &ClusterOutcome) {
     }
 }
 
+/// A latency figure for JSON: `null` with no deliveries of that kind (cross-node on one node).
+fn sampled(figures: &[u64; 4], samples: u64, index: usize) -> String {
+    if samples == 0 {
+        "null".into()
+    } else {
+        figures[index].to_string()
+    }
+}
+
 fn save_run(load: &ClusterLoad, run: usize, database: &str, o: &ClusterOutcome) {
     let float = |v: f64, decimals: usize| format!("{v:.decimals$}");
     let opt = |v: Option<f64>, decimals: usize| v.map_or("null".into(), |v| float(v, decimals));
@@ -961,13 +970,13 @@ fn save_run(load: &ClusterLoad, run: usize, database: &str, o: &ClusterOutcome) 
             ("seconds", float(o.seconds, 3)),
             ("messages_per_s", float(o.messages_per_sec(), 0)),
             ("delivered_per_s", float(o.delivered_per_sec(), 0)),
-            ("local_p50_us", o.local_us[0].to_string()),
-            ("local_p99_us", o.local_us[1].to_string()),
-            ("local_max_us", o.local_us[3].to_string()),
+            ("local_p50_us", sampled(&o.local_us, o.local_samples, 0)),
+            ("local_p99_us", sampled(&o.local_us, o.local_samples, 1)),
+            ("local_max_us", sampled(&o.local_us, o.local_samples, 3)),
             ("local_samples", o.local_samples.to_string()),
-            ("cross_p50_us", o.cross_us[0].to_string()),
-            ("cross_p99_us", o.cross_us[1].to_string()),
-            ("cross_max_us", o.cross_us[3].to_string()),
+            ("cross_p50_us", sampled(&o.cross_us, o.cross_samples, 0)),
+            ("cross_p99_us", sampled(&o.cross_us, o.cross_samples, 1)),
+            ("cross_max_us", sampled(&o.cross_us, o.cross_samples, 3)),
             ("cross_samples", o.cross_samples.to_string()),
             ("node_cpu_s", list(&o.node_cpu)),
             (
