@@ -9,6 +9,8 @@
 //! cargo bench --bench broadcast -- -n 100 -p 10 -s 64 -m 20000 --window 64,256
 //! cargo bench --bench broadcast -- --idle 1000,10000     # idle memory per connection only
 //! cargo bench --bench broadcast -- --storm 10000 --peer redis  # reconnect storm only
+//! cargo bench --bench broadcast -- --nodes 3             # cluster: 3 nodes on one database
+//! cargo bench --bench broadcast -- --nodes 2,3 --rate 2000 --seconds 20 -n 60 -p 10
 //! ```
 //! Flags: `-n` receivers, `-p` senders, `-s` message bytes, `-m` messages per sender, `--window`
 //! messages in flight per sender (a list runs every scenario with each), `--threads` receiving threads, `--runs` runs per server (the
@@ -19,15 +21,32 @@
 //! `--tls` (every scenario also over TLS, each server serving TLS only, with a certificate the
 //! bench makes; without `-n`/`-p` it measures only the TLS goal's scenario, N=100 P=10).
 //!
+//! `--nodes N` (or a list, `2,3`) measures only the cluster (issue 13, `support::cluster`): a
+//! database (SecantusDB, a new one per run, or `PEERCHAT_BENCH_MONGO_URI`; `PEERCHAT_SECANTUSD`
+//! names the `secantusd-py` to use), N `peerchat-server --cluster --node-id nK` on it, `-p`
+//! senders (default 10) on node 1 and `-n` receivers (default 30) dealt over the nodes,
+//! `--rate` messages/s in all (default 1000, the goal's) for `--seconds` (default 10). Before
+//! N nodes it runs the same load on one node without `--cluster` and on one node with it (the
+//! one-node figures; `--no-baseline` skips them). Per run: messages/s and deliveries/s, local
+//! (node 1) and cross-node latency, duplicates, missing and reordered messages, the nodes' and
+//! the database's CPU per 1000 messages; side by side, the database's operations per message
+//! (`serverStatus`) and what each extra node adds; then the goals (cross-node p99 ≤ 100 ms at
+//! 1000 messages/s, no loss, each extra node one stream rather than a query per message).
+//! `--quick` includes a 2-second run on two nodes. `--watch-db`: the bench watches the messages
+//! collection too and shows how long messages take from send to its own change stream, apart
+//! from the nodes (it adds a stream, so the database's figures are then not the nodes' alone).
+//!
 //! Each run is printed as it finishes; then, per scenario, the best run of each server side by
 //! side with the ratios and goals, and with TLS rows, the four rows (each server plain and over
 //! TLS) with what TLS costs. Every run is appended as a JSON line to
-//! `target/bench-results/broadcast.jsonl` (storm runs with `"scenario":"storm"`).
+//! `target/bench-results/broadcast.jsonl` (storm runs with `"scenario":"storm"`, cluster runs
+//! with `"scenario":"cluster"`).
 
 mod support;
 
 use std::time::Duration;
 
+use support::cluster::ClusterLoad;
 use support::load::{self, Outcome, Scenario};
 use support::servers::{redis_available, Kind, ServerProcess, REDIS_MISSING};
 use support::stats::{append_json, json_str};
@@ -48,6 +67,14 @@ const TLS_SCENARIO: (usize, usize) = (100, 10);
 /// Storm goals (issue 10), for 10 000 clients on a 2-core machine.
 const GOAL_ALL_GREETED_S: f64 = 1.0;
 const GOAL_PRESENCE_MB: f64 = 20.0;
+/// Cluster runs (`--nodes`): receivers over all nodes, senders on node 1, seconds of load
+/// (at `--rate`, by default the goal's 1000 messages/s).
+const CLUSTER_RECEIVERS: u64 = 30;
+const CLUSTER_SENDERS: u64 = 10;
+const CLUSTER_SECONDS: f64 = 10.0;
+/// `--quick`'s cluster run: two nodes, briefly, to show nothing is lost or repeated.
+const QUICK_CLUSTER_RATE: f64 = 500.0;
+const QUICK_CLUSTER_SECONDS: f64 = 2.0;
 
 /// One column of the fan-out bench: a server, over plain TCP or over TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +107,8 @@ struct Options {
     room_interval: Duration,
     /// Peerchat storm clients send nothing (by default an empty line once connected).
     silent: bool,
+    /// Cluster runs (`--nodes`), in order; each on a database of its own.
+    cluster: Vec<ClusterLoad>,
 }
 
 fn main() {
@@ -94,6 +123,9 @@ fn main() {
     }
     if !options.storm_counts.is_empty() && storms(&options, open_file_limit) {
         failures.push("a reconnect storm did not complete (see the NO above)");
+    }
+    if support::cluster::report(&options.cluster, options.runs) {
+        failures.push("a cluster run lost, repeated or reordered messages, or missed a goal");
     }
     if !failures.is_empty() {
         eprintln!("\n!!! BENCH FAILURE: {} !!!", failures.join("; "));
@@ -171,6 +203,15 @@ fn parse_options() -> Options {
     let idle: Option<String> = args.opt_value_from_str("--idle").unwrap();
     let storm: Option<String> = args.opt_value_from_str("--storm").unwrap();
     let room_interval = number(&mut args, "--room-interval").unwrap_or(ROOM_INTERVAL_MS);
+    let nodes: Option<String> = args.opt_value_from_str("--nodes").unwrap();
+    let fraction = |args: &mut pico_args::Arguments, name: &'static str| -> Option<f64> {
+        args.opt_value_from_str(name)
+            .unwrap_or_else(|err| die(&format!("{name}: {err}")))
+    };
+    let rate = fraction(&mut args, "--rate");
+    let seconds = fraction(&mut args, "--seconds");
+    let no_baseline = args.contains("--no-baseline");
+    let watch_db = args.contains("--watch-db");
     let rest = args.finish();
     if !rest.is_empty() {
         die(&format!("unknown arguments: {rest:?}"));
@@ -179,7 +220,51 @@ fn parse_options() -> Options {
         die("-s must be at least 48 bytes (sender, sequence number and timestamp)");
     }
     let servers = servers(peer.as_deref());
+    // `--nodes` measures only the cluster, with `-n`, `-p` and `-s`; `--quick` adds a short
+    // cluster run to the rest.
+    let cluster = match &nodes {
+        Some(list) => {
+            let counts = number_list("--nodes", list);
+            if counts.contains(&0) {
+                die("--nodes: at least 1");
+            }
+            let plan = ClusterLoad {
+                nodes: 1,
+                cluster: true,
+                receivers: receivers.unwrap_or(CLUSTER_RECEIVERS) as usize,
+                senders: senders.unwrap_or(CLUSTER_SENDERS) as usize,
+                size,
+                rate: rate.unwrap_or(support::cluster::GOAL_RATE),
+                seconds: seconds.unwrap_or(CLUSTER_SECONDS),
+                watch_db,
+            };
+            cluster_loads(&plan, &counts, !no_baseline)
+        }
+        None if quick => vec![ClusterLoad {
+            nodes: 2,
+            cluster: true,
+            receivers: 4,
+            senders: 2,
+            size,
+            rate: rate.unwrap_or(QUICK_CLUSTER_RATE),
+            seconds: seconds.unwrap_or(QUICK_CLUSTER_SECONDS),
+            watch_db,
+        }],
+        None => Vec::new(),
+    };
+    if rate.is_some_and(|r| r.is_nan() || r <= 0.0)
+        || seconds.is_some_and(|s| s.is_nan() || s <= 0.0)
+    {
+        die("--rate and --seconds must be positive");
+    }
+    if cluster
+        .iter()
+        .any(|load| load.senders == 0 || load.receivers == 0)
+    {
+        die("--nodes needs at least one receiver and one sender");
+    }
     let pairs: Vec<(usize, usize)> = match (receivers, senders) {
+        _ if nodes.is_some() => Vec::new(),
         (Some(n), Some(p)) => vec![(n as usize, p as usize)],
         (None, None) if tls => vec![TLS_SCENARIO],
         (None, None) if quick => vec![(10, 1), (10, 10)],
@@ -191,8 +276,8 @@ fn parse_options() -> Options {
     };
     let windows = number_list("--window", windows.as_deref().unwrap_or("64"));
     let deliveries = if quick { QUICK_DELIVERIES } else { DELIVERIES };
-    // `--idle` or `--storm` without `-n` measures only that.
-    let only_extras = (idle.is_some() || storm.is_some()) && receivers.is_none();
+    // `--idle` or `--storm` without `-n` measures only that; so does `--nodes`.
+    let only_extras = (idle.is_some() || storm.is_some()) && receivers.is_none() || nodes.is_some();
     let scenarios = if only_extras {
         Vec::new()
     } else {
@@ -214,7 +299,7 @@ fn parse_options() -> Options {
     };
     // Idle memory and the storm are part of the default run, not of a single chosen scenario
     // (`--tls` chooses the TLS goal's).
-    let chosen = receivers.is_some() || tls || idle.is_some() || storm.is_some();
+    let chosen = receivers.is_some() || tls || idle.is_some() || storm.is_some() || nodes.is_some();
     let idle_counts = match idle {
         Some(list) => number_list("--idle", &list),
         None if chosen => Vec::new(),
@@ -247,7 +332,35 @@ fn parse_options() -> Options {
         storm_counts,
         room_interval: Duration::from_millis(room_interval),
         silent,
+        cluster,
     }
+}
+
+/// The cluster runs for `--nodes COUNTS`: with `baseline`, first one node without `--cluster`
+/// (what the stream itself adds) and one node with it (what each extra node adds), then each
+/// count asked for, in order, each once.
+fn cluster_loads(plan: &ClusterLoad, counts: &[usize], baseline: bool) -> Vec<ClusterLoad> {
+    let mut loads = Vec::new();
+    let mut add = |nodes: usize, cluster: bool| {
+        if !loads
+            .iter()
+            .any(|l: &ClusterLoad| l.nodes == nodes && l.cluster == cluster)
+        {
+            loads.push(ClusterLoad {
+                nodes,
+                cluster,
+                ..plan.clone()
+            });
+        }
+    };
+    if baseline {
+        add(1, false);
+        add(1, true);
+    }
+    for &nodes in counts {
+        add(nodes, true);
+    }
+    loads
 }
 
 /// `64,256` → [64, 256].

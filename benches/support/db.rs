@@ -92,6 +92,19 @@ impl TestDatabase {
         self.process.is_some()
     }
 
+    /// Our SecantusDB's process id, for its CPU time; `None` on `PEERCHAT_BENCH_MONGO_URI`.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
+    /// Runs `command` against the `admin` database (e.g. `serverStatus`), bounded like every
+    /// other call.
+    pub fn admin_command(&self, what: &'static str, command: Document) -> Document {
+        call(what, || {
+            self.client.database("admin").run_command(command).run()
+        })
+    }
+
     /// The `peerchat-server` flags that store into this database.
     pub fn server_flags(&self) -> Vec<String> {
         ["--mongo-uri", &self.uri, "--mongo-db", &self.name]
@@ -232,11 +245,17 @@ fn stop_secantusdb(child: &mut Child) {
     }
 }
 
-/// `secantusd-py`, installed into the project's `.venv` by the same script the tests use, once
-/// per bench run.
+/// `secantusd-py`: `PEERCHAT_SECANTUSD` if set (as for the tests: a checkout or worktree
+/// without a `.venv` of its own can use another's), else installed into the project's `.venv`
+/// by the same script the tests use, once per bench run.
 fn secantusd_path() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
     PATH.get_or_init(|| {
+        if let Ok(path) = std::env::var("PEERCHAT_SECANTUSD") {
+            if !path.is_empty() {
+                return path;
+            }
+        }
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ensure-secantusdb.sh");
         // It prints only the path on stdout (pip's output goes to stderr), so the pipe never
         // fills while we wait.

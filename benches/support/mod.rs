@@ -1,6 +1,6 @@
 //! What the benches share: the servers under test as child processes, the load generator, the
-//! database for persistence, TLS for the generator's clients, and figures (latency histogram,
-//! CPU from /proc, JSON lines).
+//! database for persistence, the cluster run (several nodes on one database), TLS for the
+//! generator's clients, and figures (latency histogram, CPU from /proc, JSON lines).
 //!
 //! Each bench binary uses only part of this, hence the `dead_code` allowance.
 #![allow(dead_code)]
@@ -8,6 +8,7 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
+pub mod cluster;
 pub mod db;
 pub mod idle;
 pub mod load;

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,12 @@ pub struct ServerProcess {
     child: Child,
     /// The certificate files the server loaded; removed after the server is killed.
     _certs: Option<TestCerts>,
+    /// peerchat's WARN and ERROR log lines so far (the first `MAX_WARNINGS`).
+    warnings: Arc<Mutex<Vec<String>>>,
 }
+
+/// Warning lines kept per server: enough to say what went wrong, bounded if it repeats.
+const MAX_WARNINGS: usize = 50;
 
 impl ServerProcess {
     /// Starts `peerchat-server` on a free port with flood control off (the generator sends far
@@ -97,14 +102,25 @@ impl ServerProcess {
         let wanted = "listening on ";
         // The log is read on a thread of its own, which keeps draining it so the server never
         // blocks on a full pipe, and hands its lines over here until the address is found.
+        // Warnings and errors are kept for the bench to show (`warnings`).
         let (lines, log) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let kept = warnings.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(" WARN ") || line.contains(" ERROR ") {
+                    let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                    if kept.len() < MAX_WARNINGS {
+                        kept.push(line.clone());
+                    }
+                }
                 let _ = lines.send(line);
             }
         });
         let deadline = Instant::now() + LISTENING_DEADLINE;
+        // What it logged before, to show if it never says where it listens.
+        let mut before = Vec::new();
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match log.recv_timeout(left) {
@@ -119,8 +135,9 @@ impl ServerProcess {
                     } else {
                         ""
                     };
+                    let logged: String = before.iter().map(|l| format!("\n  {l}")).collect();
                     die(&format!(
-                        "peerchat-server {why} `{wanted}ADDR` within {} s{hint}",
+                        "peerchat-server {why} `{wanted}ADDR` within {} s{hint}; it logged:{logged}",
                         LISTENING_DEADLINE.as_secs()
                     ));
                 }
@@ -131,6 +148,7 @@ impl ServerProcess {
                     die(&format!("no address in the server's log line `{line}`"))
                 });
             }
+            before.push(line);
         };
         ServerProcess {
             kind: Kind::Peerchat,
@@ -138,6 +156,7 @@ impl ServerProcess {
             tls: certs.as_ref().map(TestCerts::client_config),
             child,
             _certs: certs,
+            warnings,
         }
     }
 
@@ -197,6 +216,7 @@ impl ServerProcess {
             tls: certs.as_ref().map(TestCerts::client_config),
             child,
             _certs: certs,
+            warnings: Arc::default(),
         })
     }
 
@@ -215,6 +235,14 @@ impl ServerProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The WARN and ERROR lines peerchat has logged so far (none for Redis).
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// User + system CPU seconds so far.
