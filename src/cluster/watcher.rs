@@ -152,6 +152,8 @@ struct Watcher {
     /// Who is on the other nodes must be read (again): `Some(announce)`. Retried with every
     /// empty batch until it works, since joins before it are in no later event.
     snapshot_due: Option<bool>,
+    /// The last snapshot read failed (logged once).
+    snapshot_failing: bool,
     events: SyncSender<StreamEvent>,
     figures: Arc<ClusterFigures>,
     stop: Arc<AtomicBool>,
@@ -187,6 +189,7 @@ impl Watcher {
             last_heard: Instant::now(),
             stalled: false,
             snapshot_due: Some(false),
+            snapshot_failing: false,
             events,
             figures,
             stop,
@@ -312,27 +315,13 @@ impl Watcher {
     /// Reopens from the kept token, retrying while the database is away. Err: the token
     /// cannot be used.
     async fn reopen(&mut self) -> Result<Result<Stream, String>, Stopped> {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            self.check_stop()?;
-            match self.open().await {
-                Ok(stream) => {
-                    ClusterFigures::add(&self.figures.stream_resumes);
-                    info!("cluster: change stream resumed");
-                    self.last_heard = Instant::now();
-                    return Ok(Ok(stream));
-                }
-                Err(err) if resume_impossible(&err) => return Ok(Err(describe_full(&err))),
-                Err(err) => {
-                    warn!(
-                        "cluster: cannot reopen the change stream yet ({})",
-                        describe_full(&err)
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-            }
+        let reopened = self.open_retrying().await?;
+        if reopened.is_ok() {
+            ClusterFigures::add(&self.figures.stream_resumes);
+            info!("cluster: change stream resumed");
+            self.last_heard = Instant::now();
         }
+        Ok(reopened)
     }
 
     /// Resuming is impossible: a new stream from now, then everyone on the other nodes and
@@ -341,19 +330,10 @@ impl Watcher {
         ClusterFigures::add(&self.figures.backfills);
         warn!("cluster: the change stream cannot be resumed ({why}); opening a new one and reading missed messages from the collection");
         self.token = None;
-        let mut pause = Duration::from_millis(100);
+        // Without a token, nothing can be refused: this loop runs once.
         let stream = loop {
-            self.check_stop()?;
-            match self.open().await {
-                Ok(stream) => break stream,
-                Err(err) => {
-                    warn!(
-                        "cluster: cannot open a change stream yet ({})",
-                        describe_full(&err)
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
+            if let Ok(stream) = self.open_retrying().await? {
+                break stream;
             }
         };
         // Opened before reading back, so nothing stored in between is missed: what both see
@@ -375,10 +355,11 @@ impl Watcher {
         match self.snapshot(announce).await {
             Ok(snapshot) => {
                 self.snapshot_due = None;
+                self.snapshot_failing = false;
                 self.send(snapshot)
             }
             Err(err) => {
-                if !self.stalled {
+                if !std::mem::replace(&mut self.snapshot_failing, true) {
                     warn!(
                         "cluster: could not read who is on the other nodes ({}); trying again",
                         describe(&err)
@@ -483,6 +464,32 @@ impl Watcher {
             DateTime::now(),
             announce,
         ))
+    }
+
+    /// Opens a stream (from the kept token, if any), retrying while the database is away; the
+    /// first failure is logged. Err: the server refused the token (only ever with one).
+    async fn open_retrying(&mut self) -> Result<Result<Stream, String>, Stopped> {
+        let mut pause = Duration::from_millis(100);
+        let mut logged = false;
+        loop {
+            self.check_stop()?;
+            match self.open().await {
+                Ok(stream) => return Ok(Ok(stream)),
+                Err(err) if self.token.is_some() && resume_impossible(&err) => {
+                    return Ok(Err(describe_full(&err)))
+                }
+                Err(err) => {
+                    if !std::mem::replace(&mut logged, true) {
+                        warn!(
+                            "cluster: cannot open the change stream yet ({}); retrying",
+                            describe_full(&err)
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     async fn open(&self) -> Result<Stream, DbError> {

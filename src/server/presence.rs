@@ -84,21 +84,22 @@ impl Presence {
     /// Announces the client in `slot` to the others, now or with the next gathered line.
     pub fn joined(&mut self, room: &mut Room, slot: usize, now: Instant) {
         let Some(conn) = room.get(slot) else { return };
-        let (name, id, join_order) = (conn.name.clone(), conn.id(), conn.join_order);
-        if self.joins.may_announce_at_once(now, self.interval) {
-            if room.notice_all(Some(slot), &protocol::joined(&name)) > 0 {
-                self.joins.last_sent = Some(now);
-            }
+        let event = Event {
+            name: conn.name.clone(),
+            heard_below: conn.join_order,
+            joiner: Some(ClientRef {
+                slot,
+                id: conn.id(),
+            }),
+        };
+        if self
+            .joins
+            .now_or_gathered(room, Some(slot), event, now, self.interval)
+        {
             if let Some(conn) = room.get_mut(slot) {
                 conn.announced = true;
             }
-            return;
         }
-        self.joins.waiting.push(Event {
-            name,
-            heard_below: join_order,
-            joiner: Some(ClientRef { slot, id }),
-        });
     }
 
     /// Tells the others that `client`, called `name`, left. If its join is still waiting, that
@@ -110,17 +111,9 @@ impl Presence {
 
     /// A client of another cluster node joined: everyone here hears of it, now or gathered.
     pub fn remote_joined(&mut self, room: &mut Room, name: &str, now: Instant) {
-        if self.joins.may_announce_at_once(now, self.interval) {
-            if room.notice_all(None, &protocol::joined(name)) > 0 {
-                self.joins.last_sent = Some(now);
-            }
-            return;
-        }
-        self.joins.waiting.push(Event {
-            name: name.to_string(),
-            heard_below: room.next_join_order(),
-            joiner: None,
-        });
+        let event = Event::heard_by_all(room, name);
+        self.joins
+            .now_or_gathered(room, None, event, now, self.interval);
     }
 
     /// A client of another cluster node left (its join goes out first if it is waiting).
@@ -144,17 +137,9 @@ impl Presence {
     }
 
     fn leave(&mut self, room: &mut Room, name: &str, now: Instant) {
-        if self.leaves.may_announce_at_once(now, self.interval) {
-            if room.notice_all(None, &protocol::left(name)) > 0 {
-                self.leaves.last_sent = Some(now);
-            }
-            return;
-        }
-        self.leaves.waiting.push(Event {
-            name: name.to_string(),
-            heard_below: room.next_join_order(),
-            joiner: None,
-        });
+        let event = Event::heard_by_all(room, name);
+        self.leaves
+            .now_or_gathered(room, None, event, now, self.interval);
     }
 
     /// Announces `client`'s join now if it is still waiting (before a line from it), to those
@@ -207,7 +192,39 @@ impl Presence {
     }
 }
 
+impl Event {
+    /// An event every client in the chat now hears of (and none who joins later).
+    fn heard_by_all(room: &Room, name: &str) -> Self {
+        Event {
+            name: name.to_string(),
+            heard_below: room.next_join_order(),
+            joiner: None,
+        }
+    }
+}
+
 impl Gathering {
+    /// Sends `event`'s line to every open client but `except` now, if nothing of this kind is
+    /// waiting and none went out within `interval`; else gathers it. True if it went now.
+    fn now_or_gathered(
+        &mut self,
+        room: &mut Room,
+        except: Option<usize>,
+        event: Event,
+        now: Instant,
+        interval: Duration,
+    ) -> bool {
+        if !self.may_announce_at_once(now, interval) {
+            self.waiting.push(event);
+            return false;
+        }
+        let line = gathered_line(std::slice::from_ref(&event), self.kind);
+        if room.notice_all(except, &line) > 0 {
+            self.last_sent = Some(now);
+        }
+        true
+    }
+
     fn new(kind: Kind) -> Self {
         Gathering {
             kind,
