@@ -234,6 +234,24 @@ impl Received {
         self.chat.get(sender).map_or(&[], Vec::as_slice)
     }
 
+    /// `receiver` got `expected` from `sender`: every line once, in the order sent.
+    fn assert_once_in_order(&self, receiver: &str, sender: &str, expected: &[String]) {
+        assert_eq!(
+            self.from(sender),
+            expected,
+            "{receiver} from {sender}: every line once, in order"
+        );
+    }
+
+    /// `receiver` was never told that messages may have been missed.
+    fn assert_no_gap(&self, receiver: &str) {
+        assert!(
+            !self.other.iter().any(|line| line == MISSED),
+            "{receiver} was told of a gap: {:?}",
+            self.other
+        );
+    }
+
     fn add(&mut self, line: String) {
         match chat_line(&line) {
             Some((sender, text)) => self
@@ -355,19 +373,9 @@ fn every_client_gets_every_other_clients_messages_once_in_order() {
             chat.name
         );
         for sender in names.iter().filter(|n| **n != chat.name) {
-            assert_eq!(
-                received.from(sender),
-                expected,
-                "{} from {sender}: each once, in order",
-                chat.name
-            );
+            received.assert_once_in_order(&chat.name, sender, &expected);
         }
-        assert!(
-            !received.other.iter().any(|line| line == MISSED),
-            "{}: {:?}",
-            chat.name,
-            received.other
-        );
+        received.assert_no_gap(&chat.name);
     }
 
     // Each node counts the 4 × K messages of the other nodes' clients among those it delivered,
@@ -730,21 +738,11 @@ fn a_database_restart_loses_and_repeats_no_stored_message() {
             })
         });
         for (sender, _) in &wanted {
-            let name = sender_names[*sender];
-            assert_eq!(
-                received.from(name),
-                expected(*sender),
-                "{} (on {own_node}) from {name}: every stored line once, in order",
-                chat.name
-            );
+            let receiver = format!("{} (on {own_node})", chat.name);
+            received.assert_once_in_order(&receiver, sender_names[*sender], &expected(*sender));
         }
         assert!(received.from(&chat.name).is_empty(), "own lines came back");
-        assert!(
-            !received.other.iter().any(|l| l == MISSED),
-            "{}: the restart left a gap: {:?}",
-            chat.name,
-            received.other
-        );
+        received.assert_no_gap(&chat.name);
         // Reports of unsaved lines: only to their sender, saying the line went to no other
         // server, and not about stored ones; unless the database may have stored it after all
         // (no answer), which the report says, and that it may then reach other servers.
@@ -829,19 +827,9 @@ fn a_lost_stream_history_is_backfilled_without_loss_or_repeat() {
     }
     for (chat, received) in &finished {
         for sender in ["s1", "s2"] {
-            assert_eq!(
-                received.from(sender),
-                expected,
-                "{} from {sender}: each once, in order",
-                chat.name
-            );
+            received.assert_once_in_order(&chat.name, sender, &expected);
         }
-        assert!(
-            !received.other.iter().any(|l| l == MISSED),
-            "{}: the backfill should have closed the gap: {:?}",
-            chat.name,
-            received.other
-        );
+        received.assert_no_gap(&chat.name);
     }
     // Some node went through the backfill; none gave up on a gap.
     let deadline = Instant::now() + DEADLINE;
