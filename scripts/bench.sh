@@ -21,3 +21,6 @@ fi
 cargo bench --bench broadcast -- --peer redis --runs 3 --window 64,256 "$@"
 cargo bench --bench broadcast -- --tls --peer redis --runs 3 --window 64,256 "$@"
 cargo bench --bench persist
+# Three cluster nodes on one database. With secantusd-py (the default) the database is the limit
+# at 1 000 msgs/s; PEERCHAT_SECANTUSD=~/.cargo/bin/secantusd-rs measures with the faster one.
+cargo bench --bench broadcast -- --nodes 3
