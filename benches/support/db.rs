@@ -10,6 +10,7 @@
 
 use std::fmt::Display;
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, Once, OnceLock, PoisonError};
@@ -210,7 +211,7 @@ fn start_secantusdb() -> (Child, u16) {
     let mut child = end_with_bench(
         Command::new(secantusd_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--storage-path", ":memory:", "--log-level", "WARNING"])
+            .args(["--storage-path", &storage_path(port), "--log-level", "WARNING"])
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
         libc::SIGTERM,
@@ -248,6 +249,21 @@ fn stop_secantusdb(child: &mut Child) {
 /// `secantusd-py`: `PEERCHAT_SECANTUSD` if set (as for the tests: a checkout or worktree
 /// without a `.venv` of its own can use another's), else installed into the project's `.venv`
 /// by the same script the tests use, once per bench run.
+/// `:memory:` for secantusd-py. secantusd-rs (`PEERCHAT_SECANTUSD=…/secantusd-rs`) takes the
+/// same flags but would make a directory called `:memory:` where the bench runs: it gets a
+/// directory of its own under the system's temporary directory instead, emptied first.
+fn storage_path(port: u16) -> String {
+    let is_rs = Path::new(secantusd_path())
+        .file_name()
+        .is_some_and(|name| name.to_string_lossy().starts_with("secantusd-rs"));
+    if !is_rs {
+        return ":memory:".to_string();
+    }
+    let dir = std::env::temp_dir().join(format!("peerchat-bench-db-{port}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.to_string_lossy().into_owned()
+}
+
 fn secantusd_path() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
     PATH.get_or_init(|| {
