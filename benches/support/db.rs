@@ -211,7 +211,12 @@ fn start_secantusdb() -> (Child, u16) {
     let mut child = end_with_bench(
         Command::new(secantusd_path())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--storage-path", &storage_path(port), "--log-level", "WARNING"])
+            .args([
+                "--storage-path",
+                &storage_path(port),
+                "--log-level",
+                "WARNING",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
         libc::SIGTERM,

@@ -36,6 +36,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use bson::DateTime;
+
 use crate::config::{ClusterConfig, StoreConfig};
 use crate::persist::ClientRef;
 pub use crate::server::inbox::LoopGone;
@@ -68,15 +70,11 @@ pub enum StreamEvent {
     Heartbeat { node: String, interval: Duration },
     /// A node stopped cleanly, or was swept out after going silent.
     NodeGone { node: String },
-    /// A client of another node joined, or (a `key` already known: its presence document's
-    /// `_id`) was written again, with a new nick or the same.
-    ClientJoined {
-        key: String,
-        node: String,
-        nick: String,
-    },
-    /// A client of another node left.
-    ClientLeft { key: String },
+    /// A client of another node joined, or (one already known) was written again, with a new
+    /// nick or the same.
+    ClientJoined(RemoteClient),
+    /// A client of another node left: its node and connection id there.
+    ClientLeft { node: String, id: u64 },
     /// Everyone on the other nodes, read from the presence collection: at start, and after a
     /// stream had to be replaced (its events in between are lost). `announce`: tell clients
     /// of the differences (false at start, when there is nobody to tell).
@@ -101,9 +99,12 @@ pub struct RemoteMessage {
 /// A client of another node, from its presence document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteClient {
-    pub key: String,
     pub node: String,
+    /// Its connection id on its node.
+    pub id: u64,
     pub nick: String,
+    /// When it joined, by the database's clock: `/who` lists every node's clients in order.
+    pub joined_millis: i64,
 }
 
 /// Why a nick claim was refused.
@@ -118,9 +119,11 @@ pub enum ClaimRefused {
 /// What the loop tells the writer, in the order it happened.
 #[derive(Debug)]
 pub enum PresenceUpdate {
+    /// `joined`: this node's clock; the writer moves it to the database's.
     Joined {
         id: u64,
         nick: String,
+        joined: DateTime,
     },
     /// `/nick`: claim `nick` for `client`; answered with `ClusterInput::NickClaimed`.
     Claim {
@@ -159,6 +162,51 @@ impl ClusterFigures {
 
     fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A database call that did not return within its deadline (3 × `--mongo-timeout-ms`): the
+/// driver cannot time out a database that stopped answering, so the cluster threads do.
+#[derive(Debug)]
+struct NotResponding;
+
+impl fmt::Display for NotResponding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("database not responding")
+    }
+}
+
+impl std::error::Error for NotResponding {}
+
+/// `call`, given up on after `deadline`.
+async fn within<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<T, mongodb::error::Error>>,
+) -> Result<T, mongodb::error::Error> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(result) => result,
+        Err(_) => Err(mongodb::error::Error::custom(NotResponding)),
+    }
+}
+
+/// The database's clock: `hello` answers with it (`localTime`). Every presence time is on it,
+/// so servers whose clocks differ still agree on what has expired.
+async fn database_clock(client: &mongodb::Client) -> Result<bson::DateTime, mongodb::error::Error> {
+    let hello = client
+        .database("admin")
+        .run_command(bson::doc! { "hello": 1 })
+        .await?;
+    Ok(hello
+        .get_datetime("localTime")
+        .copied()
+        .unwrap_or_else(|_| bson::DateTime::now()))
+}
+
+/// A short reason for the log or a client, the deadline's own error included.
+fn describe(err: &mongodb::error::Error) -> String {
+    match err.get_custom::<NotResponding>() {
+        Some(not_responding) => not_responding.to_string(),
+        None => crate::persist::describe(err),
     }
 }
 
@@ -215,8 +263,15 @@ impl Cluster {
     ) -> Result<Cluster, StartError> {
         let figures = Arc::new(ClusterFigures::default());
         let stop = Arc::new(AtomicBool::new(false));
-        watcher::start(store, cluster, sink.clone(), figures.clone(), stop.clone())?;
-        let (updates, writer) = writer::start(store.clone(), cluster.clone(), sink)
+        // This process's mark in its heartbeat: another one under the same --node-id is noticed.
+        let run = bson::oid::ObjectId::new();
+        let watching = watcher::Watching {
+            figures: figures.clone(),
+            stop: stop.clone(),
+            run,
+        };
+        watcher::start(store, cluster, sink.clone(), watching)?;
+        let (updates, writer) = writer::start(store.clone(), cluster.clone(), run, sink)
             .map_err(|err| StartError::Unavailable(err.to_string()))?;
         info!(
             "cluster: node {} watching {db}.{coll} and {db}.{presence}",

@@ -15,6 +15,7 @@
 //! database) holds the rest. Nothing is dropped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
@@ -29,12 +30,13 @@ use mongodb::error::{Error as DbError, ErrorKind};
 use mongodb::Database;
 
 use super::documents::{self, Read, StoredMessage};
+use super::{database_clock, describe, within};
 use super::{
     ClusterFigures, ClusterInput, ClusterSink, StartError, StreamEvent, MAX_EVENTS_PER_BATCH,
 };
 use crate::config::{ClusterConfig, StoreConfig, CLUSTER_SILENT_INTERVALS};
-use crate::persist::{connect_client, describe};
-use crate::{info, warn};
+use crate::persist::connect_client;
+use crate::{error, info, warn};
 
 type Stream = ChangeStream<ChangeStreamEvent<Document>>;
 
@@ -65,13 +67,21 @@ const BAD_TOKEN: [i32; 3] = [260, 280, 9];
 /// "The $changeStream stage is only supported on replica sets."
 const NOT_A_REPLICA_SET: i32 = 40573;
 
+/// What the watcher shares with the cluster's handle, and this process's mark.
+pub(super) struct Watching {
+    pub figures: Arc<ClusterFigures>,
+    /// Set when the server stops.
+    pub stop: Arc<AtomicBool>,
+    /// This process's mark in its heartbeat document.
+    pub run: ObjectId,
+}
+
 /// Opens the stream and starts reading it; returns once it is open (or could not be).
 pub(super) fn start(
     store: &StoreConfig,
     cluster: &ClusterConfig,
     sink: impl ClusterSink,
-    figures: Arc<ClusterFigures>,
-    stop: Arc<AtomicBool>,
+    watching: Watching,
 ) -> Result<(), StartError> {
     let unavailable = |err: std::io::Error| StartError::Unavailable(err.to_string());
     let (events, to_forward) = mpsc::sync_channel(STREAM_BUFFER);
@@ -97,7 +107,7 @@ pub(super) fn start(
             };
             runtime.block_on(async move {
                 let Some((watcher, stream)) =
-                    Watcher::open_first(store, cluster, events, figures, stop, ready).await
+                    Watcher::open_first(store, cluster, events, watching, ready).await
                 else {
                     return;
                 };
@@ -154,6 +164,12 @@ struct Watcher {
     snapshot_due: Option<bool>,
     /// The last snapshot read failed (logged once).
     snapshot_failing: bool,
+    /// When the stream last answered (this node's clock): a backfill reaches back no further
+    /// than that (less the margin) for nodes not heard from.
+    last_answer_millis: i64,
+    /// Another process runs under this `--node-id` (logged once).
+    same_id_logged: bool,
+    run: ObjectId,
     events: SyncSender<StreamEvent>,
     figures: Arc<ClusterFigures>,
     stop: Arc<AtomicBool>,
@@ -165,8 +181,7 @@ impl Watcher {
         store: StoreConfig,
         cluster: ClusterConfig,
         events: SyncSender<StreamEvent>,
-        figures: Arc<ClusterFigures>,
-        stop: Arc<AtomicBool>,
+        watching: Watching,
         ready: mpsc::Sender<Result<(), StartError>>,
     ) -> Option<(Watcher, Stream)> {
         let client = match connect_client(&store).await {
@@ -190,9 +205,12 @@ impl Watcher {
             stalled: false,
             snapshot_due: Some(false),
             snapshot_failing: false,
+            last_answer_millis: DateTime::now().timestamp_millis(),
+            same_id_logged: false,
+            run: watching.run,
             events,
-            figures,
-            stop,
+            figures: watching.figures,
+            stop: watching.stop,
         };
         let stream = match watcher.open().await {
             Ok(stream) => stream,
@@ -239,10 +257,18 @@ impl Watcher {
         stream: &Stream,
     ) -> Result<Option<Recovery>, Stopped> {
         self.heard();
-        match documents::read_event(event, &self.messages, &self.me) {
+        match documents::read_event(event, &self.messages, (&self.me, self.run)) {
             Read::Message(message) => self.deliver(message)?,
             Read::Event(event) => self.send(event)?,
             Read::Nothing => {}
+            Read::SameNodeId => {
+                if !std::mem::replace(&mut self.same_id_logged, true) {
+                    error!(
+                        "cluster: another server runs with --node-id {}: each takes the other's messages for its own and they do not see them; give every server its own id",
+                        self.me
+                    );
+                }
+            }
             Read::Invalidated => {
                 return Ok(Some(Recovery::Replace(
                     "the change stream was invalidated".to_string(),
@@ -256,6 +282,7 @@ impl Watcher {
     /// An empty batch: keep its post-batch token, and look for a stream that went silent.
     fn on_quiet(&mut self, stream: &Stream) -> Result<Option<Recovery>, Stopped> {
         self.token = stream.resume_token();
+        self.last_answer_millis = DateTime::now().timestamp_millis();
         if !stream.is_alive() {
             return Ok(Some(Recovery::Replace(
                 "the change stream was closed".to_string(),
@@ -295,6 +322,7 @@ impl Watcher {
 
     fn heard(&mut self) {
         self.last_heard = Instant::now();
+        self.last_answer_millis = DateTime::now().timestamp_millis();
         if std::mem::take(&mut self.stalled) {
             info!("cluster: the change stream is flowing again");
         }
@@ -374,7 +402,9 @@ impl Watcher {
     /// (see `Delivered::since`), skipping those already delivered. Tells clients of a gap if
     /// it cannot: the database failed three times, or more than `MAX_BACKFILL` were missed.
     async fn backfill(&mut self) -> Result<(), Stopped> {
-        let filter = self.delivered.since(&self.me, self.started_millis);
+        let not_heard_since =
+            (self.last_answer_millis - BACKFILL_MARGIN_MS).max(self.started_millis);
+        let filter = self.delivered.since(&self.me, not_heard_since);
         let mut complete = false;
         let mut found = 0;
         for attempt in 1..=3 {
@@ -411,20 +441,19 @@ impl Watcher {
         filter: Document,
         found: &mut usize,
     ) -> Result<Result<bool, DbError>, Stopped> {
-        let cursor = self
-            .database
-            .collection::<Document>(&self.messages)
+        let deadline = self.timeout * 3;
+        let messages = self.database.collection::<Document>(&self.messages);
+        let find = messages
             .find(filter)
             .sort(doc! { "timestamp": 1, "_id": 1 })
             .batch_size(MAX_EVENTS_PER_BATCH as u32)
-            .max_time(self.timeout * 3)
-            .await;
-        let mut cursor = match cursor {
+            .max_time(deadline);
+        let mut cursor = match within(deadline, find.into_future()).await {
             Ok(cursor) => cursor,
             Err(err) => return Ok(Err(err)),
         };
         loop {
-            match cursor.advance().await {
+            match within(deadline, cursor.advance()).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(Ok(true)),
                 Err(err) => return Ok(Err(err)),
@@ -448,22 +477,17 @@ impl Watcher {
 
     /// Everyone on the other nodes now.
     async fn snapshot(&self, announce: bool) -> Result<StreamEvent, DbError> {
-        let mut cursor = self
-            .database
-            .collection::<Document>(&self.presence)
-            .find(doc! {})
-            .max_time(self.timeout * 3)
-            .await?;
-        let mut found = Vec::new();
-        while cursor.advance().await? {
-            found.push(cursor.deserialize_current()?);
-        }
-        Ok(documents::snapshot(
-            &found,
-            &self.me,
-            DateTime::now(),
-            announce,
-        ))
+        let read = async {
+            let now = database_clock(self.database.client()).await?;
+            let presence = self.database.collection::<Document>(&self.presence);
+            let mut cursor = presence.find(doc! {}).max_time(self.timeout * 3).await?;
+            let mut found = Vec::new();
+            while cursor.advance().await? {
+                found.push(cursor.deserialize_current()?);
+            }
+            Ok(documents::snapshot(&found, &self.me, now, announce))
+        };
+        within(self.timeout * 3, read).await
     }
 
     /// Opens a stream (from the kept token, if any), retrying while the database is away; the
@@ -500,9 +524,10 @@ impl Watcher {
             .pipeline(pipeline)
             .max_await_time(AWAIT)
             .batch_size(MAX_EVENTS_PER_BATCH as u32);
+        let deadline = self.timeout * 3;
         match &self.token {
-            Some(token) => watch.start_after(token.clone()).await,
-            None => watch.await,
+            Some(token) => within(deadline, watch.start_after(token.clone()).into_future()).await,
+            None => within(deadline, watch.into_future()).await,
         }
     }
 
@@ -573,6 +598,15 @@ impl Delivered {
         if !node.ids.insert(message.id) {
             return false;
         }
+        // Nodes not heard from for ten backfill margins have stopped: forget them, so servers
+        // that come and go (a random --node-id each start) do not pile up here.
+        let stopped_before = message.millis - 10 * BACKFILL_MARGIN_MS;
+        let sender = &message.message.node;
+        self.nodes
+            .retain(|id, from| id == sender || from.newest_millis >= stopped_before);
+        let Some(node) = self.nodes.get_mut(sender) else {
+            return true;
+        };
         node.order.push_back((message.millis, message.id));
         node.newest_millis = node.newest_millis.max(message.millis);
         let forget_below = node.newest_millis - 2 * BACKFILL_MARGIN_MS;

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use bson::oid::ObjectId;
 use bson::{doc, DateTime, Document};
 use mongodb::error::{Error as DbError, ErrorKind, WriteFailure};
 use mongodb::options::IndexOptions;
@@ -16,10 +17,11 @@ use mongodb::{Collection, IndexModel};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
-use super::documents::{self, client_document, client_key, node_document, refresh};
+use super::documents::{self, client_document, client_key, node_document, refresh, LocalClient};
+use super::{database_clock, describe, within, NotResponding};
 use super::{ClaimRefused, ClusterInput, ClusterSink, PresenceUpdate};
 use crate::config::{ClusterConfig, StoreConfig};
-use crate::persist::{connect_client, describe, is_connectivity, ClientRef, DUPLICATE_KEY};
+use crate::persist::{connect_client, is_connectivity, ClientRef, DUPLICATE_KEY};
 use crate::{info, warn};
 
 /// Updates taken from the queue at once: one request per run of joins or leaves among them.
@@ -29,6 +31,7 @@ const MAX_UPDATES_AT_ONCE: usize = 1000;
 pub(super) fn start(
     store: StoreConfig,
     cluster: ClusterConfig,
+    run: ObjectId,
     sink: impl ClusterSink,
 ) -> std::io::Result<(UnboundedSender<PresenceUpdate>, std::thread::JoinHandle<()>)> {
     let (updates, incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -39,7 +42,9 @@ pub(super) fn start(
                 .enable_all()
                 .build();
             match runtime {
-                Ok(runtime) => runtime.block_on(Writer::new(store, cluster, sink).run(incoming)),
+                Ok(runtime) => {
+                    runtime.block_on(Writer::new(store, cluster, run, sink).run(incoming))
+                }
                 Err(err) => warn!("cluster: presence thread could not start: {err}"),
             }
         })?;
@@ -53,8 +58,15 @@ struct Writer<S> {
     /// Connected on first use, and again after a failed attempt.
     presence: Option<Collection<Document>>,
     indexes_made: bool,
-    /// This node's clients: nick, and whether it was chosen (claimed) with `/nick`.
-    local: BTreeMap<u64, (String, bool)>,
+    /// This process, told apart from another started with the same `--node-id`.
+    run: ObjectId,
+    /// This node's clients, by connection id.
+    local: BTreeMap<u64, LocalClient>,
+    /// The database's clock less this node's, in milliseconds, as of the last heartbeat: every
+    /// presence time is on the database's clock.
+    clock_offset_ms: i64,
+    /// When the next heartbeat is due.
+    next_beat: Instant,
     /// A write failed: the next heartbeat writes every local client again.
     out_of_date: bool,
     /// Writes are failing: logged once, until a heartbeat gets through again.
@@ -63,14 +75,17 @@ struct Writer<S> {
 }
 
 impl<S: ClusterSink> Writer<S> {
-    fn new(store: StoreConfig, cluster: ClusterConfig, sink: S) -> Self {
+    fn new(store: StoreConfig, cluster: ClusterConfig, run: ObjectId, sink: S) -> Self {
         Writer {
             store,
             node: cluster.node_id,
             interval: cluster.heartbeat,
             presence: None,
             indexes_made: false,
+            run,
             local: BTreeMap::new(),
+            clock_offset_ms: 0,
+            next_beat: Instant::now(),
             out_of_date: false,
             failing: false,
             sink,
@@ -84,7 +99,6 @@ impl<S: ClusterSink> Writer<S> {
         })
         .await;
         self.heartbeat().await;
-        let mut next_beat = Instant::now() + self.interval;
         let mut updates = Vec::new();
         loop {
             tokio::select! {
@@ -94,10 +108,7 @@ impl<S: ClusterSink> Writer<S> {
                     }
                     self.apply(std::mem::take(&mut updates)).await;
                 }
-                _ = tokio::time::sleep_until(next_beat) => {
-                    self.heartbeat().await;
-                    next_beat = Instant::now() + self.interval;
-                }
+                _ = tokio::time::sleep_until(self.next_beat) => self.heartbeat().await,
             }
         }
         self.write("remove this node's documents", |presence, node| async move {
@@ -112,11 +123,24 @@ impl<S: ClusterSink> Writer<S> {
         let mut joins = Vec::new();
         let mut leaves = Vec::new();
         for update in updates {
+            // Claims wait up to a deadline each: the heartbeat must not wait behind a queue of
+            // them, or the other nodes take this one for gone.
+            if Instant::now() >= self.next_beat {
+                self.insert_joins(&mut joins).await;
+                self.insert_leaves(&mut leaves).await;
+                self.heartbeat().await;
+            }
             match update {
-                PresenceUpdate::Joined { id, nick } => {
+                PresenceUpdate::Joined { id, nick, joined } => {
                     self.insert_leaves(&mut leaves).await;
-                    self.local.insert(id, (nick.clone(), false));
-                    joins.push(self.client_document(id, &nick, false));
+                    let joined = self.on_database_clock(joined);
+                    let client = LocalClient {
+                        nick,
+                        chosen: false,
+                        joined,
+                    };
+                    joins.push(self.client_document(id, &client));
+                    self.local.insert(id, client);
                 }
                 PresenceUpdate::Left { id } => {
                     self.insert_joins(&mut joins).await;
@@ -163,7 +187,16 @@ impl<S: ClusterSink> Writer<S> {
     /// Writes the client's document with its new nick; the unique index refuses a nick held
     /// on any node. The loop is told either way.
     async fn claim(&mut self, client: ClientRef, nick: String) {
-        let document = self.client_document(client.id, &nick, true);
+        let joined = self.local.get(&client.id).map_or_else(
+            || self.on_database_clock(DateTime::now()),
+            |known| known.joined,
+        );
+        let claimed = LocalClient {
+            nick: nick.clone(),
+            chosen: true,
+            joined,
+        };
+        let document = self.client_document(client.id, &claimed);
         let key = client_key(&self.node, client.id);
         let written = self
             .attempt(|presence, _| async move {
@@ -173,13 +206,13 @@ impl<S: ClusterSink> Writer<S> {
             .await;
         let result = match written {
             Ok(_) => {
-                self.local.insert(client.id, (nick.clone(), true));
+                self.local.insert(client.id, claimed);
                 Ok(())
             }
             Err(err) if is_duplicate(&err) => Err(ClaimRefused::Taken),
             Err(err) => {
                 self.failed("claim a nick", &err);
-                Err(ClaimRefused::Unsettled(describe_failure(&err)))
+                Err(ClaimRefused::Unsettled(describe(&err)))
             }
         };
         let answer = ClusterInput::NickClaimed {
@@ -195,8 +228,18 @@ impl<S: ClusterSink> Writer<S> {
     /// refresh found fewer documents than clients (another node swept them out while the
     /// database was slow for this one).
     async fn heartbeat(&mut self) {
-        let now = DateTime::now();
-        let node = node_document(&self.node, self.interval, now);
+        self.next_beat = Instant::now() + self.interval;
+        let clock = self
+            .write("read the database's clock", |presence, _| async move {
+                database_clock(presence.client()).await
+            })
+            .await;
+        if let Some(database_now) = clock {
+            let offset = database_now.timestamp_millis() - DateTime::now().timestamp_millis();
+            self.clock_offset_ms = offset;
+        }
+        let now = self.on_database_clock(DateTime::now());
+        let node = node_document(&self.node, self.run, self.interval, now);
         let interval = self.interval;
         let refreshed = self
             .write("write the heartbeat", |presence, node_id| async move {
@@ -253,7 +296,7 @@ impl<S: ClusterSink> Writer<S> {
             .local
             .iter()
             .filter(|(id, _)| !stored.contains(&client_key(&self.node, **id)))
-            .map(|(id, (nick, chosen))| self.client_document(*id, nick, *chosen))
+            .map(|(id, client)| self.client_document(*id, client))
             .collect();
         if missing.is_empty() {
             return;
@@ -288,8 +331,14 @@ impl<S: ClusterSink> Writer<S> {
         .await;
     }
 
-    fn client_document(&self, id: u64, nick: &str, chosen: bool) -> Document {
-        client_document(&self.node, id, nick, chosen, self.interval, DateTime::now())
+    fn client_document(&self, id: u64, client: &LocalClient) -> Document {
+        let now = self.on_database_clock(DateTime::now());
+        client_document(&self.node, id, client, self.interval, now)
+    }
+
+    /// `time` on this node's clock, moved to the database's.
+    fn on_database_clock(&self, time: DateTime) -> DateTime {
+        DateTime::from_millis(time.timestamp_millis() + self.clock_offset_ms)
     }
 
     /// Runs `write` on the presence collection; a failure is logged and marks it out of date.
@@ -321,20 +370,21 @@ impl<S: ClusterSink> Writer<S> {
             let presence = self.collection().await?.clone();
             write(presence, node).await
         };
-        match tokio::time::timeout(deadline, attempt).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.presence = None;
-                Err(DbError::custom(NotResponding))
-            }
+        let result = within(deadline, attempt).await;
+        if result
+            .as_ref()
+            .is_err_and(|err| err.get_custom::<NotResponding>().is_some())
+        {
+            self.presence = None;
         }
+        result
     }
 
     fn failed(&mut self, what: &str, err: &DbError) {
         if !self.failing {
             warn!(
                 "cluster: could not {what} in the presence collection ({}); retrying with the next heartbeat",
-                describe_failure(err)
+                describe(err)
             );
         }
         self.failing = true;
@@ -357,26 +407,6 @@ impl<S: ClusterSink> Writer<S> {
             self.indexes_made = true;
         }
         Ok(self.presence.as_ref().expect("just connected"))
-    }
-}
-
-/// A presence write that did not return within its deadline.
-#[derive(Debug)]
-struct NotResponding;
-
-impl std::fmt::Display for NotResponding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("database not responding")
-    }
-}
-
-impl std::error::Error for NotResponding {}
-
-/// `describe`, and the deadline's own error.
-fn describe_failure(err: &DbError) -> String {
-    match err.get_custom::<NotResponding>() {
-        Some(not_responding) => not_responding.to_string(),
-        None => describe(err),
     }
 }
 

@@ -36,9 +36,10 @@ pub fn joined(room: &mut Room, services: Services<'_>, slot: usize, now: Instant
     };
     conn.joined = true;
     conn.join_order = join_order;
+    conn.joined_millis = bson::DateTime::now().timestamp_millis();
     let name = conn.name.clone();
     if let Some(roster) = services.roster {
-        roster.local_joined(conn.id(), &name);
+        roster.local_joined(conn.id(), &name, conn.joined_millis);
     }
     room.notice(slot, &protocol::welcome(&name));
     services.presence.joined(room, slot, now);

@@ -298,6 +298,8 @@ pub struct Connection {
     /// Its place in the order of joining (`Room::take_join_order`): presence notices go to
     /// those who joined before the event.
     pub join_order: u64,
+    /// When it joined, wall clock in milliseconds: `/who` orders a cluster's clients by it.
+    pub joined_millis: i64,
     /// Others have been told it joined (a join may be gathered for a while, see `presence`).
     pub announced: bool,
     /// Closed, but still writing its last output (bounded by a deadline) before the FIN.
@@ -361,6 +363,7 @@ impl Connection {
             read_queued: false,
             joined: false,
             join_order: 0,
+            joined_millis: 0,
             announced: false,
             draining: false,
             overlong_lines: 0,

@@ -77,9 +77,9 @@ pub const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a TLS client has to finish its handshake before it is closed: ample for a slow
 /// link, and a connection that never speaks gives its slot back soon.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Inbox items acted on per turn (each at most a batch of 1000 cluster events, or one batch
-/// of save failures or history answers), before sockets are served again.
-const INBOX_BUDGET: usize = 16;
+/// Inbox items acted on per turn, a batch of other nodes' events counting one per event (so at
+/// most about one batch of 1000), before sockets are served again.
+const INBOX_BUDGET: usize = 1024;
 /// At least this long, even past `--shutdown-timeout`, for a cluster node to remove its
 /// presence documents so that the other nodes see its users leave at once.
 const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(2);
@@ -473,15 +473,18 @@ impl EventLoop {
         }
     }
 
-    /// Acts on what other threads sent, up to `INBOX_BUDGET` items: a change stream with a
-    /// backlog refills the inbox as fast as it is read, and clients' sockets must be served
-    /// between its batches. What is left is read next turn, which then does not wait.
+    /// Acts on what other threads sent, up to `INBOX_BUDGET` items (a batch of other nodes'
+    /// messages counts as one per message): a change stream with a backlog refills the inbox
+    /// as fast as it is read, and clients' sockets must be served between its batches. What
+    /// is left is read next turn, which then does not wait.
     fn drain_inbox(&mut self) {
         self.inbox_again = false;
-        for _ in 0..INBOX_BUDGET {
+        let mut budget = INBOX_BUDGET;
+        while budget > 0 {
             let Some(input) = self.inbox.next() else {
                 return;
             };
+            budget = budget.saturating_sub(input.weight());
             match input {
                 LoopInput::NotSaved(failures) => {
                     self.stats.failed_saves += failures.len() as u64;

@@ -30,6 +30,17 @@ pub enum LoopInput {
     Shutdown,
 }
 
+impl LoopInput {
+    /// How much of the loop's per-turn inbox budget this takes: one per event for other
+    /// nodes' events (each may be a message to fan out), one for anything else.
+    pub fn weight(&self) -> usize {
+        match self {
+            LoopInput::Cluster(ClusterInput::Events(events)) => events.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
 /// The sending side, cloned into every thread that talks to the loop.
 #[derive(Clone, Debug)]
 pub struct LoopSender {

@@ -209,6 +209,13 @@ impl Room {
         names.into_iter()
     }
 
+    /// Name and join time (wall clock, milliseconds) of every open connection, for `/who`
+    /// across cluster nodes.
+    pub fn names_and_join_times(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.open_connections()
+            .map(|(_, conn)| (conn.name.as_str(), conn.joined_millis))
+    }
+
     /// True if an open connection other than `except` is called `name`.
     pub fn name_taken(&self, name: &str, except: usize) -> bool {
         self.open_connections()

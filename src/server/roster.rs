@@ -45,8 +45,9 @@ struct Node {
     last_heard: Instant,
     /// Taken for gone after 3 intervals without a heartbeat; its clients are not shown.
     silent: bool,
-    /// Its clients by connection id (the order they connected in), with their nicks.
-    clients: BTreeMap<u64, String>,
+    /// Its clients by connection id: nick, and when it joined (milliseconds, the database's
+    /// clock).
+    clients: BTreeMap<u64, (String, i64)>,
 }
 
 impl Node {
@@ -58,12 +59,6 @@ impl Node {
             clients: BTreeMap::new(),
         }
     }
-}
-
-/// The node and connection id in a client's presence key (`node/id`).
-fn parse_key(key: &str) -> Option<(&str, u64)> {
-    let (node, id) = key.split_once('/')?;
-    Some((node, id.parse().ok()?))
 }
 
 impl Roster {
@@ -81,10 +76,13 @@ impl Roster {
         self.cluster.node_id()
     }
 
-    /// A local client joined the chat: the other nodes are told through the database.
-    pub fn local_joined(&self, id: u64, nick: &str) {
+    /// A local client joined the chat (at `joined_millis`, wall clock): the other nodes are
+    /// told through the database.
+    pub fn local_joined(&self, id: u64, nick: &str, joined_millis: i64) {
         let nick = nick.to_string();
-        self.cluster.tell(PresenceUpdate::Joined { id, nick });
+        let joined = bson::DateTime::from_millis(joined_millis);
+        self.cluster
+            .tell(PresenceUpdate::Joined { id, nick, joined });
     }
 
     pub fn local_left(&self, id: u64) {
@@ -103,15 +101,26 @@ impl Roster {
             .any(|(_, nick)| nick.eq_ignore_ascii_case(name))
     }
 
-    /// The `/who` line: this node's clients, then the others', each with its node.
+    /// The `/who` line: every node's clients in the order they joined, each with its node:
+    /// `* 3 online: alice (n1), bob (n2), 127.0.0.1:50312 (n1)`.
     pub fn who(&self, room: &Room) -> String {
         let me = self.node_id();
-        let local = room.names().map(|name| format!("{name} ({me})"));
-        let remote = self
-            .remote_clients()
-            .map(|(node, nick)| format!("{nick} ({node})"));
-        let all: Vec<String> = local.chain(remote).collect();
-        protocol::who(all.iter().map(String::as_str))
+        let local = room
+            .names_and_join_times()
+            .map(|(name, joined)| (joined, name, me));
+        let remote = self.nodes.iter().filter(|(_, node)| !node.silent);
+        let remote = remote.flat_map(|(id, node)| {
+            node.clients
+                .values()
+                .map(move |(nick, joined)| (*joined, nick.as_str(), id.as_str()))
+        });
+        let mut all: Vec<(i64, &str, &str)> = local.chain(remote).collect();
+        all.sort_by_key(|(joined, _, _)| *joined);
+        let entries: Vec<String> = all
+            .iter()
+            .map(|(_, name, node)| format!("{name} ({node})"))
+            .collect();
+        protocol::who(entries.iter().map(String::as_str))
     }
 
     /// What `/stats` adds with `--cluster`.
@@ -144,10 +153,12 @@ impl Roster {
                     self.heartbeat(room, presence, (node, interval), now)
                 }
                 StreamEvent::NodeGone { node } => self.node_gone(room, presence, &node, now),
-                StreamEvent::ClientJoined { key, node, nick } => {
-                    self.client_joined(room, presence, (key, node, nick), now)
+                StreamEvent::ClientJoined(client) => {
+                    self.client_joined(room, presence, client, now)
                 }
-                StreamEvent::ClientLeft { key } => self.client_left(room, presence, &key, now),
+                StreamEvent::ClientLeft { node, id } => {
+                    self.client_left(room, presence, (&node, id), now)
+                }
                 StreamEvent::Snapshot {
                     clients,
                     nodes,
@@ -178,7 +189,7 @@ impl Roster {
             if overdue && !node.silent {
                 crate::warn!("cluster: node {id} has gone silent; its users are taken for gone");
                 node.silent = true;
-                for nick in node.clients.values() {
+                for (nick, _) in node.clients.values() {
                     presence.remote_left(room, nick, now);
                 }
             }
@@ -227,7 +238,7 @@ impl Roster {
         entry.last_heard = now;
         if std::mem::take(&mut entry.silent) {
             crate::info!("cluster: a silent node is back; its users are shown again");
-            for nick in entry.clients.values() {
+            for (nick, _) in entry.clients.values() {
                 presence.remote_joined(room, nick, now);
             }
         }
@@ -237,7 +248,7 @@ impl Roster {
         let Some(gone) = self.nodes.remove(node).filter(|gone| !gone.silent) else {
             return;
         };
-        for nick in gone.clients.values() {
+        for (nick, _) in gone.clients.values() {
             presence.remote_left(room, nick, now);
         }
     }
@@ -246,20 +257,18 @@ impl Roster {
         &mut self,
         room: &mut Room,
         presence: &mut Presence,
-        (key, node, nick): (String, String, String),
+        client: RemoteClient,
         now: Instant,
     ) {
-        let Some((_, id)) = parse_key(&key) else {
-            return;
-        };
         let interval = self.cluster.heartbeat();
         let entry = self
             .nodes
-            .entry(node)
+            .entry(client.node)
             .or_insert_with(|| Node::new(interval, now));
-        match entry.clients.get_mut(&id) {
-            Some(old) if entry.silent => *old = nick,
-            Some(old) if *old != nick => {
+        let nick = client.nick;
+        match entry.clients.get_mut(&client.id) {
+            Some((old, _)) if entry.silent => *old = nick,
+            Some((old, _)) if *old != nick => {
                 let old = std::mem::replace(old, nick.clone());
                 presence.announce_remote_join(room, &old, now);
                 presence.before_name_taken(room, &nick, now);
@@ -267,7 +276,8 @@ impl Roster {
             }
             Some(_) => {} // written again with the same nick (a node catching up)
             None => {
-                entry.clients.insert(id, nick.clone());
+                let joined = (nick.clone(), client.joined_millis);
+                entry.clients.insert(client.id, joined);
                 if !entry.silent {
                     presence.remote_joined(room, &nick, now);
                 }
@@ -275,14 +285,17 @@ impl Roster {
         }
     }
 
-    fn client_left(&mut self, room: &mut Room, presence: &mut Presence, key: &str, now: Instant) {
-        let Some((node, id)) = parse_key(key) else {
-            return;
-        };
+    fn client_left(
+        &mut self,
+        room: &mut Room,
+        presence: &mut Presence,
+        (node, id): (&str, u64),
+        now: Instant,
+    ) {
         let Some(entry) = self.nodes.get_mut(node) else {
             return;
         };
-        if let Some(nick) = entry.clients.remove(&id).filter(|_| !entry.silent) {
+        if let Some((nick, _)) = entry.clients.remove(&id).filter(|_| !entry.silent) {
             presence.remote_left(room, &nick, now);
         }
     }
@@ -302,9 +315,9 @@ impl Roster {
             .map(|(id, interval)| (id, Node::new(interval, now)))
             .collect();
         for client in clients {
-            let id = parse_key(&client.key).map(|(_, id)| id);
-            if let (Some(node), Some(id)) = (fresh.get_mut(&client.node), id) {
-                node.clients.insert(id, client.nick);
+            if let Some(node) = fresh.get_mut(&client.node) {
+                node.clients
+                    .insert(client.id, (client.nick, client.joined_millis));
             }
         }
         let old = std::mem::replace(&mut self.nodes, fresh);
@@ -318,14 +331,14 @@ impl Roster {
                 .is_some_and(|n| !n.silent && n.clients.contains_key(id))
         };
         for (node, was) in old.iter().filter(|(_, was)| !was.silent) {
-            for (id, nick) in &was.clients {
+            for (id, (nick, _)) in &was.clients {
                 if !shown(&self.nodes, node, id) {
                     presence.remote_left(room, nick, now);
                 }
             }
         }
         for (node, is) in &self.nodes {
-            for (id, nick) in &is.clients {
+            for (id, (nick, _)) in &is.clients {
                 if !shown(&old, node, id) {
                     presence.remote_joined(room, nick, now);
                 }
@@ -339,7 +352,7 @@ impl Roster {
         shown.flat_map(|(id, node)| {
             node.clients
                 .values()
-                .map(move |nick| (id.as_str(), nick.as_str()))
+                .map(move |(nick, _)| (id.as_str(), nick.as_str()))
         })
     }
 }

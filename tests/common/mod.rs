@@ -454,7 +454,16 @@ impl TestDb {
 
     /// Makes the next `times` `command`s (any client's) fail with `code`, then turns itself off.
     pub fn fail_next(&self, command: &str, code: i32, times: i32) {
-        let data = doc! { "failCommands": [command], "errorCode": code };
+        self.fail_next_after(command, code, times, 0);
+    }
+
+    /// As `fail_next`, each failing call first held for `block_ms` (0: none).
+    pub fn fail_next_after(&self, command: &str, code: i32, times: i32, block_ms: i32) {
+        let mut data = doc! { "failCommands": [command], "errorCode": code };
+        if block_ms > 0 {
+            data.insert("blockConnection", true);
+            data.insert("blockTimeMS", block_ms);
+        }
         self.client()
             .database("admin")
             .run_command(doc! {
