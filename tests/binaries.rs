@@ -4,23 +4,14 @@ mod common;
 
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use common::process::{run_bounded, spawn_piped_client, spawn_server, CLIENT, SERVER};
+use common::process::{
+    run_bounded, run_with_args, spawn_piped_client, spawn_server, CLIENT, SERVER,
+};
 use common::{alice_and_bob, free_port, start_chat_only, Chat, TestDb, DEADLINE};
-
-fn run_with_args(exe: &str, args: &[&str]) -> Output {
-    let child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start binary");
-    run_bounded(child)
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -11,12 +11,12 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
-use common::process::{run_bounded, spawn_server, ServerProcess, SERVER};
+use common::process::{run_with_args, spawn_server, ServerProcess, SERVER};
 use common::{free_port, Chat, TestDb, DEADLINE};
 use mongodb::sync::Collection;
 
@@ -141,6 +141,29 @@ fn who(chat: &mut Chat, seen: &mut Vec<String>) -> Vec<(String, String)> {
     }
 }
 
+/// Asks `ask` every 200 ms until its answer is `wanted`, for at most `within`; `what` names
+/// what was waited for if it never comes.
+fn poll_until<T: std::fmt::Debug>(
+    chat: &mut Chat,
+    (what, within): (&str, Duration),
+    mut ask: impl FnMut(&mut Chat) -> T,
+    wanted: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = ask(chat);
+        if wanted(&answer) {
+            return answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {what} not reached in {within:?}: {answer:?}",
+            chat.name
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Asks `/who` every 200 ms until the answer is `wanted`, for at most `within`.
 fn who_until(
     chat: &mut Chat,
@@ -148,19 +171,8 @@ fn who_until(
     within: Duration,
     wanted: impl Fn(&[(String, String)]) -> bool,
 ) -> Vec<(String, String)> {
-    let deadline = Instant::now() + within;
-    loop {
-        let entries = who(chat, seen);
-        if wanted(&entries) {
-            return entries;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: /who still {entries:?} after {within:?}",
-            chat.name
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    let ask = |chat: &mut Chat| who(chat, seen);
+    poll_until(chat, ("the /who wanted", within), ask, |e| wanted(e))
 }
 
 /// The names in a presence notice with `verb` (`* bob left`, `* bob and carol left`,
@@ -206,19 +218,7 @@ fn stats_until(
     what: &str,
     wanted: impl Fn(&HashMap<String, String>) -> bool,
 ) -> HashMap<String, String> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let figures = stats(chat);
-        if wanted(&figures) {
-            return figures;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: {what} not reached in {DEADLINE:?}: {figures:?}",
-            chat.name
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    poll_until(chat, (what, DEADLINE), stats, wanted)
 }
 
 /// What a client received: the texts of chat lines per sender, in arrival order, and every
@@ -874,15 +874,8 @@ fn a_lost_stream_history_is_backfilled_without_loss_or_repeat() {
 
 /// The server binary run to its exit with `args` (and `--port 0`).
 fn run_server(args: &[&str]) -> Output {
-    let child = Command::new(SERVER)
-        .args(["--port", "0"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start server");
-    run_bounded(child)
+    let args: Vec<&str> = ["--port", "0"].iter().chain(args).copied().collect();
+    run_with_args(SERVER, &args)
 }
 
 /// `--cluster` refuses to start where it cannot work: against a database without change

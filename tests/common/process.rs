@@ -50,6 +50,18 @@ pub fn spawn_server_on<S: AsRef<std::ffi::OsStr>>(port: u16, args: &[S]) -> Serv
     server
 }
 
+/// Runs binary `exe` with `args` to its exit (within `DEADLINE`), its output captured.
+pub fn run_with_args(exe: &str, args: &[&str]) -> Output {
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start binary");
+    run_bounded(child)
+}
+
 /// Runs a command to completion within `DEADLINE`, killing it otherwise.
 pub fn run_bounded(mut child: Child) -> Output {
     let deadline = Instant::now() + DEADLINE;
