@@ -5,7 +5,7 @@
 //! one request each. A write that fails marks the collection out of date; the next heartbeat
 //! writes every local client again, so the other nodes catch up once the database is back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -271,27 +271,9 @@ impl<S: ClusterSink> Writer<S> {
     /// gone, inserts those missing (without the nick claim if another node took the nick
     /// meanwhile, so the client stays visible).
     async fn write_all_clients(&mut self) {
-        let keys: Vec<String> = self
-            .local
-            .keys()
-            .map(|id| client_key(&self.node, *id))
-            .collect();
-        let stored = self
-            .write("read this node's clients", |presence, node| async move {
-                let gone = doc! { "kind": "client", "node": &node, "_id": { "$nin": &keys } };
-                presence.delete_many(gone).await?;
-                let mine = doc! { "kind": "client", "node": node };
-                let mut cursor = presence.find(mine).projection(doc! { "_id": 1 }).await?;
-                let mut stored = std::collections::HashSet::new();
-                while cursor.advance().await? {
-                    if let Ok(key) = cursor.current().get_str("_id") {
-                        stored.insert(key.to_string());
-                    }
-                }
-                Ok(stored)
-            })
-            .await;
-        let Some(stored) = stored else { return };
+        let Some(stored) = self.stored_clients().await else {
+            return;
+        };
         let missing: Vec<Document> = self
             .local
             .iter()
@@ -329,6 +311,30 @@ impl<S: ClusterSink> Writer<S> {
             }
         })
         .await;
+    }
+
+    /// Removes this node's documents of clients no longer here, and returns the `_id`s of
+    /// those still stored.
+    async fn stored_clients(&mut self) -> Option<HashSet<String>> {
+        let keys: Vec<String> = self
+            .local
+            .keys()
+            .map(|id| client_key(&self.node, *id))
+            .collect();
+        self.write("read this node's clients", |presence, node| async move {
+            let gone = doc! { "kind": "client", "node": &node, "_id": { "$nin": &keys } };
+            presence.delete_many(gone).await?;
+            let mine = doc! { "kind": "client", "node": node };
+            let mut cursor = presence.find(mine).projection(doc! { "_id": 1 }).await?;
+            let mut stored = HashSet::new();
+            while cursor.advance().await? {
+                if let Ok(key) = cursor.current().get_str("_id") {
+                    stored.insert(key.to_string());
+                }
+            }
+            Ok(stored)
+        })
+        .await
     }
 
     fn client_document(&self, id: u64, client: &LocalClient) -> Document {
