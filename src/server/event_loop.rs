@@ -37,6 +37,21 @@ use crate::protocol;
 use crate::telnet::HEADROOM;
 use crate::{debug, error, info, warn};
 
+/// The loop's parts a client's line may change besides the room (`chat::Services`). A macro,
+/// not a method: the fields are borrowed beside `self.room` and `self.batch`, which a `&mut
+/// self` method would lock whole.
+macro_rules! services {
+    ($loop:expr) => {
+        Services {
+            presence: &mut $loop.presence,
+            persister: $loop.persister.as_ref(),
+            history: &mut $loop.history,
+            stats: &$loop.stats,
+            roster: $loop.roster.as_ref(),
+        }
+    };
+}
+
 pub const LISTENER: Token = Token(0);
 pub const WAKER: Token = Token(1);
 pub const TLS_LISTENER: Token = Token(2);
@@ -452,14 +467,7 @@ impl EventLoop {
 
     /// Lets the client in `slot` into the chat.
     fn join(&mut self, slot: usize) {
-        let services = Services {
-            presence: &mut self.presence,
-            persister: self.persister.as_ref(),
-            history: &mut self.history,
-            stats: &self.stats,
-            roster: self.roster.as_ref(),
-        };
-        chat::joined(&mut self.room, services, slot, self.now);
+        chat::joined(&mut self.room, services!(self), slot, self.now);
     }
 
     /// Says once per episode that the server is full.
@@ -596,15 +604,8 @@ impl EventLoop {
             }
             match item {
                 Input::Line(range) => {
-                    let services = Services {
-                        presence: &mut self.presence,
-                        persister: self.persister.as_ref(),
-                        history: &mut self.history,
-                        stats: &self.stats,
-                        roster: self.roster.as_ref(),
-                    };
                     let line = self.batch.line(range);
-                    chat::line(&mut self.room, services, slot, line, self.now);
+                    chat::line(&mut self.room, services!(self), slot, line, self.now);
                 }
                 Input::TooLong => chat::too_long(&mut self.room, slot),
             }
