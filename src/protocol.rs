@@ -237,17 +237,7 @@ pub fn welcome(name: &str) -> String {
     format!("welcome, you are {name} \u{2014} /help for commands")
 }
 
-/// Notice to the others when a client arrives.
-pub fn joined(name: &str) -> String {
-    format!("{name} joined")
-}
-
-/// Notice to the others when a client leaves.
-pub fn left(name: &str) -> String {
-    format!("{name} left")
-}
-
-/// Notice for several joins or leaves at once (`verb` is `joined` or `left`): the names listed,
+/// Notice for one join or leave, or several at once (`verb` is `joined` or `left`): the names listed,
 /// then how many `others` there are: `alice, bob and carol joined`, `a, b, c, d, e and 37
 /// others left`.
 pub fn presence(listed: &[&str], others: usize, verb: &str) -> String {
@@ -510,7 +500,7 @@ mod tests {
     fn formats_lines_with_crlf() {
         let mut out = Vec::new();
         write_chat(&mut out, "alice", "hi there");
-        write_notice(&mut out, &joined("bob"));
+        write_notice(&mut out, &presence(&["bob"], 0, "joined"));
         write_error(&mut out, &line_too_long(4096));
         assert_eq!(
             out,

@@ -276,7 +276,7 @@ fn is_end_of_history(line: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(prefix))
 }
 
-/// A join or leave notice, one name or many (`protocol::joined`, `left`, `presence`):
+/// A join or leave notice, one name or many (`protocol::presence`):
 /// `* alice joined`, `* a, b and c left`, `* a, b, c, d, e and 37 others joined`.
 fn is_presence(line: &str) -> bool {
     let Some(body) = line.strip_prefix("* ") else {
@@ -512,8 +512,9 @@ mod tests {
         ))));
         assert!(is_end_of_history(&notice(protocol::end_of_history(7))));
         assert!(is_end_of_history(&notice(protocol::end_of_history(1))));
-        assert!(is_presence(&notice(protocol::joined("[::1]:5000"))));
-        assert!(is_presence(&notice(protocol::left("bob"))));
+        let one = |name, verb| notice(protocol::presence(&[name], 0, verb));
+        assert!(is_presence(&one("[::1]:5000", "joined")));
+        assert!(is_presence(&one("bob", "left")));
         for n in 1..=7 {
             let names = ["a", "b", "c", "d", "e", "f", "g"];
             let listed = &names[..n.min(5)];
